@@ -1,0 +1,24 @@
+/*
+** error.c: how what the network or the OS causes reaches Lua.
+**
+** One convention, luv's and Lua's io library's: nil, "NAME: message",
+** "NAME". A raw negative libuv code never reaches a script.
+*/
+#include "luahost.h"
+
+/*
+** Pushes the two error values ("NAME: message", "NAME") for libuv's err.
+*/
+void lh_pusherror_values(lua_State *L, int err) {
+  lua_pushfstring(L, "%s: %s", uv_err_name(err), uv_strerror(err));
+  lua_pushstring(L, uv_err_name(err));
+}
+
+/*
+** The usual failure return of a function for Lua: nil, msg, name.
+*/
+int lh_pusherror(lua_State *L, int err) {
+  lua_pushnil(L);
+  lh_pusherror_values(L, err);
+  return 3;  /* nil, message, name */
+}

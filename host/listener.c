@@ -1,0 +1,131 @@
+/*
+** listener.c: so.listen and so.accept.
+**
+** A connection is taken from libuv (uv_accept) only for a task waiting in
+** so.accept. While none waits, libuv holds one accepted descriptor and
+** stops polling the listener, so the kernel's backlog is the accept
+** loop's backpressure; and the listener is unref'd, so a script whose
+** only pending thing is an unused listener still ends.
+*/
+#include <stdio.h>
+#include <string.h>
+
+#include "luahost.h"
+
+/*
+** Pushes a conn for the connection libuv holds, or nil, msg, name.
+*/
+static int accept_conn(lua_State *L, lh_sock *l) {
+  lh_sock *c = lh_newsock(L, 0);
+  int err = uv_accept((uv_stream_t *)&l->tcp, (uv_stream_t *)&c->tcp);
+  l->flags &= ~LH_SOCK_PENDING;
+  if (err < 0) {
+    lh_sock_close(L, -1);
+    lua_pop(L, 1);
+    return lh_pusherror(L, err);
+  }
+  uv_tcp_nodelay(&c->tcp, 1);  /* request-response protocols want it */
+  return 1;  /* the conn */
+}
+
+static void on_connection(uv_stream_t *server, int status) {
+  lh_sock *l = (lh_sock *)server;
+  lh_task *t;
+  /* An error (EMFILE, ENFILE, ENOBUFS) has no connection behind it: libuv
+     has already drained the backlog with its spare descriptor, so there is
+     nothing to retry here and nothing to busy-loop on. */
+  if (status < 0 || lh_H.L == NULL)
+    return;
+  l->flags |= LH_SOCK_PENDING;
+  t = l->acceptors;
+  if (t == NULL)
+    return;  /* libuv stops polling until a task accepts */
+  l->acceptors = t->next;
+  t->next = NULL;
+  if (l->acceptors == NULL) {
+    l->acceptors_tail = &l->acceptors;
+    uv_unref((uv_handle_t *)&l->tcp);
+  }
+  lh_resume(t, accept_conn(t->co, l));
+}
+
+static void cancel_accept(lh_task *t) {
+  lh_sock *l = t->waiting_on;
+  lh_task **p = &l->acceptors;
+  while (*p != NULL && *p != t)
+    p = &(*p)->next;
+  if (*p == t) {
+    *p = t->next;
+    if (*p == NULL)
+      l->acceptors_tail = p;
+  }
+  t->next = NULL;
+  if (l->acceptors == NULL)
+    uv_unref((uv_handle_t *)&l->tcp);
+}
+
+/*
+** so.accept(listener): the next connection, as a conn; waits for one.
+*/
+static int so_accept(lua_State *L) {
+  lh_sock *l = lh_checklistener(L, 1);
+  lh_task *t = lh_checktask_caller(L, "accept");
+  if (l->flags & LH_SOCK_PENDING)
+    return accept_conn(L, l);
+  t->next = NULL;
+  *l->acceptors_tail = t;
+  l->acceptors_tail = &t->next;
+  uv_ref((uv_handle_t *)&l->tcp);
+  return lh_wait(L, t, l, cancel_accept, l->timeout);
+}
+
+/*
+** so.listen(host, port [, backlog]): a listener bound to host:port, or
+** nil, msg, name. host is numeric (IPv4 or IPv6), "localhost" or "*";
+** another name is resolved before the listener exists (this blocks).
+*/
+static int so_listen(lua_State *L) {
+  const char *host = luaL_checkstring(L, 1);
+  lua_Integer port = luaL_checkinteger(L, 2);
+  lua_Integer backlog = luaL_optinteger(L, 3, 511);
+  struct sockaddr_storage ss;
+  lh_sock *l;
+  int err;
+  luaL_argcheck(L, port >= 0 && port <= 65535, 2, "port out of range");
+  luaL_argcheck(L, backlog > 0 && backlog <= 65535, 3, "backlog out of range");
+  if (lh_parseaddr(host, (int)port, &ss) != 0) {
+    uv_getaddrinfo_t req;
+    struct addrinfo hints;
+    char service[16];
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE;
+    snprintf(service, sizeof service, "%d", (int)port);
+    err = uv_getaddrinfo(lh_H.loop, &req, NULL, host, service, &hints);
+    if (err < 0)
+      return lh_pusherror(L, err);
+    memcpy(&ss, req.addrinfo->ai_addr, req.addrinfo->ai_addrlen);
+    uv_freeaddrinfo(req.addrinfo);
+  }
+  l = lh_newsock(L, LH_SOCK_LISTENER);
+  err = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0);
+  if (err == 0)
+    err = uv_listen((uv_stream_t *)&l->tcp, (int)backlog, on_connection);
+  if (err < 0) {
+    lh_sock_close(L, -1);
+    return lh_pusherror(L, err);
+  }
+  uv_unref((uv_handle_t *)&l->tcp);  /* until a task waits in accept */
+  return 1;  /* the listener */
+}
+
+static const luaL_Reg listener_funcs[] = {
+  {"listen", so_listen},
+  {"accept", so_accept},
+  {NULL, NULL}
+};
+
+void lh_listener_open(lua_State *L) {
+  luaL_setfuncs(L, listener_funcs, 0);
+}

@@ -1,0 +1,209 @@
+/*
+** main.c: the luahost program. Sets up Lua and libuv, runs the script as
+** the first task, runs the loop until nothing is left to do, and tears
+** everything down in an order that no callback can outlive.
+*/
+#include <malloc.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include <lualib.h>
+
+#include "luahost.h"
+
+#ifndef LUAHOST_SOURCE_LUADIR
+#define LUAHOST_SOURCE_LUADIR ""
+#endif
+#ifndef LUAHOST_INSTALL_LUADIR
+#define LUAHOST_INSTALL_LUADIR ""
+#endif
+
+static const char *progname = "luahost";
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage: %s [options] script [args]\n"
+          "Runs a Lua script as the first task of an event loop.\n"
+          "Options:\n"
+          "  --help     show this help and exit\n"
+          "  --version  show version information and exit\n"
+          "  --         stop handling options\n",
+          progname);
+}
+
+/*
+** Descriptors are connections: take all the kernel allows us.
+*/
+static void raise_fd_limit(void) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
+static void add_dir(luaL_Buffer *b, const char *dir, const char *sub) {
+  char piece[4096 * 2 + 64];
+  if (dir[0] == '\0')
+    return;
+  snprintf(piece, sizeof piece, "%s%s/?.lua;%s%s/?/init.lua;", dir, sub, dir,
+           sub);
+  luaL_addstring(b, piece);
+}
+
+/*
+** package.path: the host's lua/ next to the binary (an install), where the
+** sources were at build time (the build tree), where `cmake --install`
+** put them; then what Lua itself searches (LUA_PATH or its default), so
+** Debian's Lua modules are found.
+*/
+static void set_path(lua_State *L) {
+  char exe[4096];
+  size_t len = sizeof exe;
+  char *slash;
+  luaL_Buffer b;
+  const char *oldpath;
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "path");  /* package oldpath */
+  oldpath = lua_tostring(L, -1);
+  luaL_buffinit(L, &b);
+  if (uv_exepath(exe, &len) == 0 && (slash = strrchr(exe, '/')) != NULL) {
+    *slash = '\0';
+    add_dir(&b, exe, "/../share/luahost/lua");
+  }
+  add_dir(&b, LUAHOST_SOURCE_LUADIR, "");
+  add_dir(&b, LUAHOST_INSTALL_LUADIR, "");
+  luaL_addstring(&b, oldpath);
+  luaL_pushresult(&b);  /* package oldpath newpath */
+  lua_setfield(L, -3, "path");
+  lua_pop(L, 2);
+}
+
+/*
+** arg, as lua.c sets it: arg[0] the script, arg[1..] its arguments, and
+** negative indices for the interpreter and its options.
+*/
+static void set_arg(lua_State *L, char **argv, int argc, int script) {
+  int i;
+  lua_createtable(L, argc - script - 1, script + 1);
+  for (i = 0; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i - script);
+  }
+  lua_setglobal(L, "arg");
+}
+
+static void on_signal(uv_signal_t *sig, int signum) {
+  (void)sig;
+  (void)signum;
+  uv_stop(lh_H.loop);  /* main closes everything and exits 0 */
+}
+
+static void close_handle(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h))
+    uv_close(h, NULL);
+}
+
+/*
+** lua_close first: every conn's and task's __gc starts uv_close, and from
+** then on callbacks see lh_H.L == NULL and only free memory. Then what
+** remains (the host's own handles) is closed, and the loop runs until all
+** close callbacks are done.
+*/
+static void teardown(lua_State *L) {
+  lh_H.L = NULL;
+  lh_H.ready_head = lh_H.ready_tail = NULL;
+  lua_close(L);
+  uv_walk(lh_H.loop, close_handle, NULL);
+  uv_run(lh_H.loop, UV_RUN_DEFAULT);
+  uv_loop_close(lh_H.loop);
+}
+
+static int report_load_error(lua_State *L) {
+  fprintf(stderr, "%s: %s\n", progname, lua_tostring(L, -1));
+  fflush(stderr);
+  return 1;
+}
+
+int main(int argc, char **argv) {
+  lua_State *L;
+  int script = 1, nargs, i, status;
+  uv_signal_t sigint, sigterm;
+
+  while (script < argc && argv[script][0] == '-') {
+    const char *opt = argv[script];
+    if (strcmp(opt, "--") == 0) {
+      script++;
+      break;
+    } else if (strcmp(opt, "--version") == 0) {
+      printf("%s (%s, libuv %s)\n", LUAHOST_VERSION, LUA_RELEASE,
+             uv_version_string());
+      return 0;
+    } else if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
+      usage(stdout);
+      return 0;
+    } else {
+      fprintf(stderr, "%s: unknown option '%s'\n", progname, opt);
+      usage(stderr);
+      return 2;
+    }
+  }
+  if (script >= argc) {
+    usage(stderr);
+    return 2;
+  }
+
+  raise_fd_limit();
+  signal(SIGPIPE, SIG_IGN);  /* a write to a reset conn returns EPIPE */
+  /* Freed 64 KiB strings must not be trimmed back to the kernel and
+     faulted in again on every bulk read. */
+  mallopt(M_TRIM_THRESHOLD, 4 << 20);
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+
+  lh_H.loop = uv_default_loop();
+  L = luaL_newstate();
+  if (L == NULL) {
+    fprintf(stderr, "%s: cannot create the Lua state\n", progname);
+    return 1;
+  }
+  lh_H.L = L;
+  memset(lua_getextraspace(L), 0, LUA_EXTRASPACE);  /* not a task */
+  luaL_openlibs(L);
+  set_path(L);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  lua_pushcfunction(L, luaopen_so);
+  lua_setfield(L, -2, "so");
+  lua_pop(L, 1);
+  set_arg(L, argv, argc, script);
+  lh_sched_init();
+
+  status = luaL_loadfile(L, argv[script]);
+  if (status != LUA_OK) {
+    status = report_load_error(L);
+    teardown(L);
+    return status;
+  }
+  nargs = argc - script - 1;
+  luaL_checkstack(L, nargs, "too many arguments to script");
+  for (i = script + 1; i < argc; i++)
+    lua_pushstring(L, argv[i]);
+
+  uv_signal_init(lh_H.loop, &sigint);
+  uv_signal_start(&sigint, on_signal, SIGINT);
+  uv_unref((uv_handle_t *)&sigint);
+  uv_signal_init(lh_H.loop, &sigterm);
+  uv_signal_start(&sigterm, on_signal, SIGTERM);
+  uv_unref((uv_handle_t *)&sigterm);
+
+  lh_spawn_main(L, nargs);
+  if (lh_H.exit_status == 0)
+    uv_run(lh_H.loop, UV_RUN_DEFAULT);
+  status = lh_H.exit_status;
+  fflush(stdout);
+  teardown(L);
+  return status;
+}

@@ -1,0 +1,299 @@
+/*
+** sock.c: the Lua objects for TCP sockets (conns and listeners): creating,
+** checking, closing, timeouts, addresses, and their metatables.
+**
+** Ownership: the userdata (lh_sockref) points at C memory (lh_sock) that
+** holds the uv_tcp_t. Closing (so.close, __close or __gc, one function)
+** detaches the userdata and starts uv_close; the close callback frees the
+** memory. libuv calls back every pending request before the close
+** callback, so the memory outlives everything that may touch it.
+*/
+#include <stdlib.h>
+#include <string.h>
+
+#include "luahost.h"
+
+#define CONN_TNAME "conn"
+#define LISTENER_TNAME "listener"
+
+/*
+** The object at arg if it is a userdata of ours with that tag, or a
+** "bad argument" error naming tname.
+*/
+void *lh_checkobj(lua_State *L, int arg, uint64_t tag, const char *tname) {
+  uint64_t *p = lua_touserdata(L, arg);
+  if (p == NULL || lua_rawlen(L, arg) < sizeof(uint64_t) || *p != tag)
+    luaL_typeerror(L, arg, tname);
+  return p;
+}
+
+static lh_sock *checkopen(lua_State *L, int arg, uint64_t tag,
+                          const char *tname) {
+  lh_sockref *ref = lh_checkobj(L, arg, tag, tname);
+  if (ref->s == NULL)
+    luaL_error(L, "attempt to use a closed %s", tname);
+  return ref->s;
+}
+
+lh_sock *lh_checkconn(lua_State *L, int arg) {
+  return checkopen(L, arg, LH_TAG_CONN, CONN_TNAME);
+}
+
+lh_sock *lh_checklistener(lua_State *L, int arg) {
+  return checkopen(L, arg, LH_TAG_LISTENER, LISTENER_TNAME);
+}
+
+/*
+** A conn or a listener, open or closed: what so.close and so.settimeout
+** take.
+*/
+static lh_sockref *checkref(lua_State *L, int arg) {
+  lh_sockref *ref = lua_touserdata(L, arg);
+  if (ref == NULL || lua_rawlen(L, arg) != sizeof *ref ||
+      (ref->tag != LH_TAG_CONN && ref->tag != LH_TAG_LISTENER))
+    luaL_typeerror(L, arg, "conn or listener");
+  return ref;
+}
+
+static void on_close(uv_handle_t *h) {
+  lh_sock *s = (lh_sock *)h;
+  s->flags |= LH_SOCK_CLOSED;
+  if (s->flags & LH_SOCK_DETACHED)
+    free(s);
+}
+
+/*
+** Pushes a new userdata of the given kind, in its closed state, then
+** creates the socket behind it. Raises on failure, leaving nothing open.
+*/
+lh_sock *lh_newsock(lua_State *L, unsigned flags) {
+  int listener = (flags & LH_SOCK_LISTENER) != 0;
+  lh_sockref *ref = lua_newuserdatauv(L, sizeof *ref, 0);
+  lh_sock *s;
+  int err;
+  ref->tag = listener ? LH_TAG_LISTENER : LH_TAG_CONN;
+  ref->s = NULL;  /* closed until the socket exists */
+  luaL_setmetatable(L, listener ? LISTENER_TNAME : CONN_TNAME);
+  s = malloc(sizeof *s);
+  if (s == NULL)
+    luaL_error(L, "not enough memory");
+  memset(s, 0, sizeof *s);
+  s->flags = flags;
+  s->timeout = -1;
+  s->acceptors_tail = &s->acceptors;
+  err = uv_tcp_init(lh_H.loop, &s->tcp);
+  if (err < 0) {
+    free(s);
+    luaL_error(L, "uv_tcp_init: %s", uv_strerror(err));
+  }
+  ref->s = s;
+  if (listener)
+    lh_H.nlisteners++;
+  else
+    lh_H.nconns++;
+  return s;
+}
+
+/*
+** Ends every wait on s with nil, "ECANCELED: ...": the waiting tasks run
+** from the ready queue, since this runs inside the closing task.
+*/
+static void cancel_waiters(lh_sock *s) {
+  lh_task *t = s->reader;
+  s->reader = NULL;
+  if (t != NULL) {
+    lua_pushnil(t->co);
+    lh_pusherror_values(t->co, UV_ECANCELED);
+    lh_wake(t, 3);
+  }
+  while ((t = s->acceptors) != NULL) {
+    s->acceptors = t->next;
+    t->next = NULL;
+    lua_pushnil(t->co);
+    lh_pusherror_values(t->co, UV_ECANCELED);
+    lh_wake(t, 3);
+  }
+  s->acceptors_tail = &s->acceptors;
+}
+
+/*
+** The one closer behind so.close, __close and __gc; safe to call twice.
+*/
+static void closeref(lh_sockref *ref) {
+  lh_sock *s = ref->s;
+  if (s == NULL)
+    return;
+  ref->s = NULL;
+  if (s->flags & LH_SOCK_LISTENER)
+    lh_H.nlisteners--;
+  else
+    lh_H.nconns--;
+  if (lh_H.L != NULL)  /* not at lua_close: tasks may still run */
+    cancel_waiters(s);
+  s->flags |= LH_SOCK_DETACHED;
+  if (s->flags & LH_SOCK_CLOSED)
+    free(s);
+  else if (!uv_is_closing((uv_handle_t *)&s->tcp))
+    uv_close((uv_handle_t *)&s->tcp, on_close);
+}
+
+/* Closes the conn or listener at idx, as so.close does. */
+void lh_sock_close(lua_State *L, int idx) {
+  closeref(lua_touserdata(L, idx));
+}
+
+/* so.close(obj): closes a conn or a listener; true, also when closed. */
+static int so_close(lua_State *L) {
+  closeref(checkref(L, 1));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int sock_gc(lua_State *L) {
+  closeref(lua_touserdata(L, 1));
+  return 0;
+}
+
+static int sock_tostring(lua_State *L) {
+  lh_sockref *ref = checkref(L, 1);
+  const char *kind = ref->tag == LH_TAG_CONN ? CONN_TNAME : LISTENER_TNAME;
+  if (ref->s == NULL)
+    lua_pushfstring(L, "%s (closed)", kind);
+  else
+    lua_pushfstring(L, "%s (%p)", kind, (void *)ref->s);
+  return 1;
+}
+
+/*
+** so.settimeout(obj, seconds): a limit for each later read, write and
+** accept on obj; nil for none.
+*/
+static int so_settimeout(lua_State *L) {
+  lh_sockref *ref = checkref(L, 1);
+  int64_t ms = lh_checktimeout(L, 2);
+  if (ref->s == NULL)
+    return luaL_error(L, "attempt to use a closed %s",
+                      ref->tag == LH_TAG_CONN ? CONN_TNAME : LISTENER_TNAME);
+  ref->s->timeout = ms;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* {======================================================
+** Addresses
+** ======================================================= */
+
+/*
+** Fills ss from a numeric address; "localhost" and "*" too. 0 or a libuv
+** error.
+*/
+int lh_parseaddr(const char *host, int port, struct sockaddr_storage *ss) {
+  memset(ss, 0, sizeof *ss);
+  if (strcmp(host, "localhost") == 0)
+    host = "127.0.0.1";
+  else if (strcmp(host, "*") == 0)
+    host = "0.0.0.0";
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)ss) == 0)
+    return 0;
+  if (uv_ip6_addr(host, port, (struct sockaddr_in6 *)ss) == 0)
+    return 0;
+  return UV_EINVAL;
+}
+
+/* Pushes host, port for ss. */
+int lh_pushaddr(lua_State *L, const struct sockaddr_storage *ss) {
+  char host[INET6_ADDRSTRLEN];
+  int port;
+  if (ss->ss_family == AF_INET6) {
+    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+    uv_ip6_name(a, host, sizeof host);
+    port = ntohs(a->sin6_port);
+  } else {
+    const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+    uv_ip4_name(a, host, sizeof host);
+    port = ntohs(a->sin_port);
+  }
+  lua_pushstring(L, host);
+  lua_pushinteger(L, port);
+  return 2;  /* host, port */
+}
+
+/* so.sockname(obj): the local host, port of a conn or a listener. */
+static int so_sockname(lua_State *L) {
+  lh_sockref *ref = checkref(L, 1);
+  struct sockaddr_storage ss;
+  int len = sizeof ss, err;
+  if (ref->s == NULL)
+    return luaL_error(L, "attempt to use a closed %s",
+                      ref->tag == LH_TAG_CONN ? CONN_TNAME : LISTENER_TNAME);
+  err = uv_tcp_getsockname(&ref->s->tcp, (struct sockaddr *)&ss, &len);
+  if (err < 0)
+    return lh_pusherror(L, err);
+  return lh_pushaddr(L, &ss);
+}
+
+/* so.peername(conn): the remote host, port. */
+static int so_peername(lua_State *L) {
+  lh_sock *s = lh_checkconn(L, 1);
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  int err = uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len);
+  if (err < 0)
+    return lh_pusherror(L, err);
+  return lh_pushaddr(L, &ss);
+}
+
+/* }====================================================== */
+
+
+static const luaL_Reg sock_funcs[] = {
+  {"close", so_close},
+  {"settimeout", so_settimeout},
+  {"sockname", so_sockname},
+  {"peername", so_peername},
+  {NULL, NULL}
+};
+
+static const char *const conn_methods[] = {
+  "read", "write", "shutdown", "close", "settimeout", "sockname",
+  "peername", NULL
+};
+
+static const char *const listener_methods[] = {
+  "accept", "close", "settimeout", "sockname", NULL
+};
+
+/*
+** Creates a metatable whose __index holds the named functions of the
+** module table at index `mod`.
+*/
+static void newclass(lua_State *L, int mod, const char *tname,
+                     const char *const methods[]) {
+  int i;
+  luaL_newmetatable(L, tname);  /* also sets __name, for error messages */
+  lua_createtable(L, 0, 8);
+  for (i = 0; methods[i] != NULL; i++) {
+    lua_getfield(L, mod, methods[i]);
+    lua_setfield(L, -2, methods[i]);
+  }
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, sock_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, sock_gc);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, sock_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+}
+
+/*
+** Adds the socket functions to the module table on top of L. Call it after
+** the stream and listener functions are in, for the method tables.
+*/
+void lh_sock_open(lua_State *L) {
+  int mod = lua_gettop(L);
+  luaL_setfuncs(L, sock_funcs, 0);
+  newclass(L, mod, CONN_TNAME, conn_methods);
+  newclass(L, mod, LISTENER_TNAME, listener_methods);
+}

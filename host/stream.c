@@ -1,0 +1,465 @@
+/*
+** stream.c: reading, writing, shutting down and connecting conns.
+**
+** Backpressure as in the chapter's soRead: a conn reads from the OS only
+** while a task waits in so.read (uv_read_start when one starts waiting,
+** uv_read_stop when the data is delivered and nobody waits again), so a
+** peer that sends and never reads is held back by TCP, not by our memory.
+*/
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "luahost.h"
+
+/*
+** One read buffer for every conn: a read callback turns its bytes into a
+** Lua string before libuv asks for a buffer again, so an idle conn holds
+** none, and no buffer is allocated and freed per read.
+*/
+static char readbuf[64 * 1024];
+
+
+/* {======================================================
+** so.read
+** ======================================================= */
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)h;
+  (void)suggested;
+  *buf = uv_buf_init(readbuf, sizeof readbuf);
+}
+
+static void stop_reading(lh_sock *s) {
+  if (s->flags & LH_SOCK_READING) {
+    uv_read_stop((uv_stream_t *)&s->tcp);
+    s->flags &= ~LH_SOCK_READING;
+  }
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  lh_sock *s = (lh_sock *)stream;
+  lh_task *t = s->reader;
+  int nres;
+  if (nread == 0)  /* EAGAIN: nothing this time */
+    return;
+  if (t == NULL || lh_H.L == NULL) {
+    /* Cannot happen: reading stops when the reader leaves. Should it, the
+       data must not be lost silently. */
+    if (nread > 0)
+      fprintf(stderr, "luahost: internal error: %zd bytes read with no "
+              "reader\n", nread);
+    stop_reading(s);
+    return;
+  }
+  s->reader = NULL;
+  if (nread > 0) {
+    lua_pushlstring(t->co, buf->base, (size_t)nread);
+    nres = 1;
+  } else if (nread == UV_EOF) {
+    s->flags |= LH_SOCK_EOF;
+    lua_pushliteral(t->co, "");
+    nres = 1;
+  } else {
+    s->err = (int)nread;
+    lua_pushnil(t->co);
+    lh_pusherror_values(t->co, s->err);
+    nres = 3;
+  }
+  lh_resume(t, nres);
+  /* The task is often back in so.read already: then keep reading, which
+     saves the two epoll_ctl calls of a stop and a start. */
+  if (s->reader == NULL && !uv_is_closing((uv_handle_t *)stream))
+    stop_reading(s);
+}
+
+static void cancel_read(lh_task *t) {
+  lh_sock *s = t->waiting_on;
+  s->reader = NULL;
+  stop_reading(s);
+}
+
+/*
+** so.read(conn): the next bytes that arrive (up to 64 KiB); "" at EOF;
+** nil, msg, name on a socket error. Errors and EOF stay for later reads.
+*/
+static int so_read(lua_State *L) {
+  lh_sock *s = lh_checkconn(L, 1);
+  lh_task *t;
+  if (s->reader != NULL)
+    return luaL_error(L, "conn is already being read by another task");
+  t = lh_checktask_caller(L, "read");
+  if (s->err != 0)
+    return lh_pusherror(L, s->err);
+  if (s->flags & LH_SOCK_EOF) {
+    lua_pushliteral(L, "");
+    return 1;
+  }
+  if (!(s->flags & LH_SOCK_READING)) {
+    int err = uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read);
+    if (err < 0)
+      return lh_pusherror(L, err);
+    s->flags |= LH_SOCK_READING;
+  }
+  s->reader = t;
+  return lh_wait(L, t, s, cancel_read, s->timeout);
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** so.write
+** ======================================================= */
+
+typedef struct write_req {
+  uv_write_t req;
+  lh_task *task;  /* the writer, NULL once it stopped waiting (timeout) */
+  int data_ref;   /* the string or table being written, until the callback */
+} write_req;
+
+static void on_write(uv_write_t *r, int status) {
+  write_req *req = (write_req *)r;
+  lh_task *t = req->task;
+  if (lh_H.L == NULL) {  /* lua_close has run: only memory is left */
+    free(req);
+    return;
+  }
+  luaL_unref(lh_H.L, LUA_REGISTRYINDEX, req->data_ref);
+  free(req);
+  if (t == NULL)
+    return;
+  if (status < 0) {
+    lua_pushnil(t->co);
+    lh_pusherror_values(t->co, status);
+    lh_resume(t, 3);  /* nil, msg, name */
+  } else {
+    lua_pushboolean(t->co, 1);
+    lh_resume(t, 1);
+  }
+}
+
+static void cancel_write(lh_task *t) {
+  write_req *req = t->waiting_on;
+  req->task = NULL;  /* the write goes on; only its writer left */
+}
+
+#define NSMALLBUFS 16
+
+/*
+** so.write(conn, data): data is a string or an array of strings, written
+** in one system call when the OS takes it all at once (no yield), else
+** queued in order; true once libuv has handed everything to the OS.
+*/
+static int so_write(lua_State *L) {
+  lh_sock *s = lh_checkconn(L, 1);
+  uv_buf_t smallbufs[NSMALLBUFS], *bufs = smallbufs;
+  unsigned i, nbufs;
+  size_t total = 0;
+  int written, err;
+  write_req *req;
+  lh_task *t;
+  if (lua_type(L, 2) == LUA_TSTRING) {
+    size_t len;
+    const char *p = lua_tolstring(L, 2, &len);
+    bufs[0] = uv_buf_init((char *)p, (unsigned)len);
+    nbufs = 1;
+    total = len;
+    luaL_argcheck(L, len <= UINT32_MAX, 2, "string too long");
+  } else if (lua_type(L, 2) == LUA_TTABLE) {
+    lua_Integer n = luaL_len(L, 2);
+    luaL_argcheck(L, n >= 0 && n <= 1024, 2, "too many pieces (1024 at most)");
+    nbufs = (unsigned)n;
+    if (nbufs > NSMALLBUFS)
+      bufs = lua_newuserdatauv(L, nbufs * sizeof *bufs, 0);  /* collectable */
+    for (i = 0; i < nbufs; i++) {
+      size_t len;
+      const char *p;
+      if (lua_rawgeti(L, 2, i + 1) != LUA_TSTRING)
+        return luaL_argerror(L, 2, lua_pushfstring(L,
+                   "string expected at index %d, got %s", i + 1,
+                   luaL_typename(L, -1)));
+      p = lua_tolstring(L, -1, &len);
+      lua_pop(L, 1);  /* the table keeps the string */
+      bufs[i] = uv_buf_init((char *)p, (unsigned)len);
+      total += len;
+    }
+  } else
+    return luaL_typeerror(L, 2, "string or table");
+  t = lh_checktask_caller(L, "write");
+  if (total == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  written = uv_try_write((uv_stream_t *)&s->tcp, bufs, nbufs);
+  if (written >= 0 && (size_t)written == total) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (written < 0 && written != UV_EAGAIN)
+    return lh_pusherror(L, written);
+  /* Skip what the OS took; uv_write copies the buffer array. */
+  for (i = 0; written > 0 && i < nbufs; i++) {
+    if ((unsigned)written < bufs[i].len) {
+      bufs[i].base += written;
+      bufs[i].len -= written;
+      break;
+    }
+    written -= bufs[i].len;
+  }
+  while (i < nbufs && bufs[i].len == 0)
+    i++;
+  req = malloc(sizeof *req);
+  if (req == NULL)
+    return luaL_error(L, "not enough memory");
+  lua_pushvalue(L, 2);
+  req->data_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  req->task = t;
+  err = uv_write(&req->req, (uv_stream_t *)&s->tcp, bufs + i, nbufs - i,
+                 on_write);
+  if (err < 0) {
+    luaL_unref(L, LUA_REGISTRYINDEX, req->data_ref);
+    free(req);
+    return lh_pusherror(L, err);
+  }
+  return lh_wait(L, t, req, cancel_write, s->timeout);
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** so.shutdown
+** ======================================================= */
+
+typedef struct shutdown_req {
+  uv_shutdown_t req;
+  lh_task *task;  /* NULL once the task stopped waiting */
+} shutdown_req;
+
+static void on_shutdown(uv_shutdown_t *r, int status) {
+  shutdown_req *req = (shutdown_req *)r;
+  lh_task *t = req->task;
+  free(req);
+  if (t == NULL || lh_H.L == NULL)
+    return;
+  if (status < 0) {
+    lua_pushnil(t->co);
+    lh_pusherror_values(t->co, status);
+    lh_resume(t, 3);
+  } else {
+    lua_pushboolean(t->co, 1);
+    lh_resume(t, 1);
+  }
+}
+
+static void cancel_shutdown(lh_task *t) {
+  shutdown_req *req = t->waiting_on;
+  req->task = NULL;
+}
+
+/*
+** so.shutdown(conn): sends EOF after the queued writes; true once done.
+*/
+static int so_shutdown(lua_State *L) {
+  lh_sock *s = lh_checkconn(L, 1);
+  lh_task *t = lh_checktask_caller(L, "shutdown");
+  shutdown_req *req = malloc(sizeof *req);
+  int err;
+  if (req == NULL)
+    return luaL_error(L, "not enough memory");
+  req->task = t;
+  err = uv_shutdown(&req->req, (uv_stream_t *)&s->tcp, on_shutdown);
+  if (err < 0) {
+    free(req);
+    return lh_pusherror(L, err);
+  }
+  return lh_wait(L, t, req, cancel_shutdown, s->timeout);
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** so.connect
+** ======================================================= */
+
+typedef struct connect_req {
+  uv_getaddrinfo_t resolve;
+  uv_connect_t connect;
+  lh_task *task;          /* NULL once the task stopped waiting */
+  lh_sockref *conn;       /* on the task's stack while it waits */
+  struct addrinfo *addrs; /* from the resolver, freed with the request */
+  struct addrinfo *next;  /* the next address to try */
+  int err;                /* the last address's error */
+} connect_req;
+
+static void connect_free(connect_req *req) {
+  if (req->addrs != NULL)
+    uv_freeaddrinfo(req->addrs);
+  free(req);
+}
+
+static void connect_done(connect_req *req, int err) {
+  lh_task *t = req->task;
+  connect_free(req);
+  if (err < 0) {
+    lua_pushnil(t->co);
+    lh_pusherror_values(t->co, err);
+    lh_resume(t, 3);
+  } else {
+    lua_pushboolean(t->co, 1);
+    lh_resume(t, 1);
+  }
+}
+
+static void on_connect(uv_connect_t *r, int status);
+
+static void free_handle(uv_handle_t *h) {
+  free(h);
+}
+
+/*
+** Starts a connect to the next address that takes one; 0, or the last
+** error when none is left.
+*/
+static int connect_next(connect_req *req) {
+  while (req->next != NULL) {
+    struct addrinfo *ai = req->next;
+    int err;
+    req->next = ai->ai_next;
+    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
+      continue;
+    err = uv_tcp_connect(&req->connect, &req->conn->s->tcp, ai->ai_addr,
+                         on_connect);
+    if (err == 0)
+      return 0;
+    req->err = err;
+  }
+  return req->err;
+}
+
+static void on_connect(uv_connect_t *r, int status) {
+  connect_req *req = (connect_req *)((char *)r -
+                                     offsetof(connect_req, connect));
+  if (req->task == NULL || lh_H.L == NULL) {  /* gave up, or closing */
+    connect_free(req);
+    return;
+  }
+  if (status == 0) {
+    uv_tcp_nodelay(&req->conn->s->tcp, 1);
+    connect_done(req, 0);
+    return;
+  }
+  req->err = status;
+  if (req->next != NULL) {
+    /* A failed socket cannot connect again: give the conn a fresh one. */
+    lh_sock *old = req->conn->s, *s = calloc(1, sizeof *s);
+    if (s != NULL && uv_tcp_init(lh_H.loop, &s->tcp) == 0) {
+      s->timeout = old->timeout;
+      s->acceptors_tail = &s->acceptors;
+      uv_close((uv_handle_t *)&old->tcp, free_handle);
+      req->conn->s = s;
+      if (connect_next(req) == 0)
+        return;
+    } else
+      free(s);
+  }
+  connect_done(req, req->err);
+}
+
+static void on_resolved(uv_getaddrinfo_t *r, int status,
+                        struct addrinfo *res) {
+  connect_req *req = (connect_req *)r;
+  req->addrs = res;
+  req->next = res;
+  if (req->task == NULL || lh_H.L == NULL) {
+    connect_free(req);
+    return;
+  }
+  if (status < 0 || (status = connect_next(req)) < 0)
+    connect_done(req, status);
+}
+
+static void cancel_connect(lh_task *t) {
+  connect_req *req = t->waiting_on;
+  req->task = NULL;
+  /* A resolve still queued is dropped; one running finishes and frees.
+     A connect ends when k_connect closes the conn. */
+  uv_cancel((uv_req_t *)&req->resolve);
+}
+
+/* After the wait: the conn at ctx, or close it and pass on the error. */
+static int k_connect(lua_State *L, int status, lua_KContext ctx) {
+  int conn = (int)ctx;
+  (void)status;
+  if (lua_gettop(L) == conn + 1 && lua_toboolean(L, -1)) {
+    lua_pushvalue(L, conn);
+    return 1;  /* the conn */
+  }
+  lh_sock_close(L, conn);
+  return 3;  /* nil, msg, name */
+}
+
+/*
+** so.connect(host, port [, timeout]): a connected conn, or nil, msg,
+** name. Names are resolved off the loop (uv_getaddrinfo), and each address
+** is tried in turn.
+*/
+static int so_connect(lua_State *L) {
+  const char *host = luaL_checkstring(L, 1);
+  lua_Integer port = luaL_checkinteger(L, 2);
+  int64_t timeout = lh_checktimeout(L, 3);
+  struct sockaddr_storage ss;
+  connect_req *req;
+  lh_task *t;
+  int err, conn;
+  luaL_argcheck(L, port >= 0 && port <= 65535, 2, "port out of range");
+  t = lh_checktask_caller(L, "connect");
+  lua_settop(L, 3);
+  lh_newsock(L, 0);
+  conn = lua_gettop(L);
+  req = calloc(1, sizeof *req);
+  if (req == NULL) {
+    lh_sock_close(L, conn);
+    return luaL_error(L, "not enough memory");
+  }
+  req->conn = lua_touserdata(L, conn);
+  req->task = t;
+  if (lh_parseaddr(host, (int)port, &ss) == 0) {
+    err = uv_tcp_connect(&req->connect, &req->conn->s->tcp,
+                         (struct sockaddr *)&ss, on_connect);
+  } else {
+    struct addrinfo hints;
+    char service[16];
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_ADDRCONFIG;
+    snprintf(service, sizeof service, "%d", (int)port);
+    err = uv_getaddrinfo(lh_H.loop, &req->resolve, on_resolved, host,
+                         service, &hints);
+  }
+  if (err < 0) {
+    free(req);
+    lh_sock_close(L, conn);
+    return lh_pusherror(L, err);
+  }
+  return lh_waitk(L, t, req, cancel_connect, timeout, conn, k_connect);
+}
+
+/* }====================================================== */
+
+
+static const luaL_Reg stream_funcs[] = {
+  {"read", so_read},
+  {"write", so_write},
+  {"shutdown", so_shutdown},
+  {"connect", so_connect},
+  {NULL, NULL}
+};
+
+void lh_stream_open(lua_State *L) {
+  luaL_setfuncs(L, stream_funcs, 0);
+}

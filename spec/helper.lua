@@ -1,0 +1,140 @@
+-- What the specs share: the binary under test, child processes, counts of
+-- what is open, and waiting with a limit.
+local so = require "so"
+local lfs = require "lfs"
+
+local helper = {}
+
+-- libuv opens a spare descriptor (for EMFILE) at the first listen: open it
+-- now, so that descriptor counts in specs compare like with like.
+assert(so.listen("127.0.0.1", 0)):close()
+
+helper.luahost = os.getenv("LUAHOST") or "build/luahost"
+
+-- Starts `luahost SCRIPT 0 ARGS...` and waits for its "listening on" line.
+-- The child's stderr goes to proc.errfile. proc:stop([signal]) ends it
+-- and returns its exit code.
+function helper.start(script, ...)
+  local args = { ... }
+  for i, a in ipairs(args) do args[i] = string.format("%q", tostring(a)) end
+  local errfile = os.tmpname()
+  local cmd = string.format("echo $$; exec %s %s 0 %s 2>%s", helper.luahost,
+                            script, table.concat(args, " "), errfile)
+  local pipe = assert(io.popen(cmd, "r"))
+  local pid = assert(tonumber(pipe:read("l")), "no pid")
+  local line = pipe:read("l")
+  local proc = { pid = pid, pipe = pipe, errfile = errfile, line = line }
+  if not line then
+    pipe:close()
+    local f = io.open(errfile)
+    local err = f and f:read("a") or ""
+    if f then f:close() end
+    os.remove(errfile)
+    error("server did not start: " .. err, 2)
+  end
+  proc.host, proc.port = line:match("^listening on (.*):(%d+)$")
+  proc.port = tonumber(proc.port)
+  function proc:stop(signal)
+    if not self.stopped then
+      os.execute(string.format("kill -%s %d 2>/dev/null", signal or "TERM",
+                               self.pid))
+      local _, _, code = self.pipe:close()
+      self.code = code
+      self.stopped = true
+      local f = io.open(self.errfile)
+      self.stderr = f and f:read("a") or ""
+      if f then f:close() end
+      os.remove(self.errfile)
+    end
+    return self.code
+  end
+  return proc
+end
+
+-- Runs a shell command; returns its exit code, stdout and stderr.
+function helper.run(cmd)
+  local errfile = os.tmpname()
+  local pipe = assert(io.popen(cmd .. " 2>" .. errfile, "r"))
+  local out = pipe:read("a")
+  local _, _, code = pipe:close()
+  local f = assert(io.open(errfile))
+  local err = f:read("a")
+  f:close()
+  os.remove(errfile)
+  return code, out, err
+end
+
+-- How many descriptors this process has open.
+function helper.fds()
+  local n = 0
+  for name in lfs.dir("/proc/self/fd") do
+    if name ~= "." and name ~= ".." then n = n + 1 end
+  end
+  return n - 1  -- the directory lfs.dir itself holds open
+end
+
+-- Resident set size of a process (default: this one), in bytes.
+function helper.rss(pid)
+  local f = assert(io.open("/proc/" .. (pid or "self") .. "/status"))
+  local s = f:read("a")
+  f:close()
+  return tonumber(s:match("VmRSS:%s*(%d+)")) * 1024
+end
+
+-- Waits until fn() is true, polling, for at most `seconds`.
+function helper.wait_until(fn, seconds)
+  local deadline = so.now() + (seconds or 5)
+  while not fn() do
+    if so.now() > deadline then return false end
+    so.sleep(0.01)
+  end
+  return true
+end
+
+-- Joins a task with a limit and rethrows its error.
+function helper.join(task, seconds)
+  local res = table.pack(so.join(task, seconds or 10))
+  if res[1] == nil then error("task did not end: " .. tostring(res[2]), 2) end
+  if res[1] == false then error(res[2], 0) end
+  return table.unpack(res, 2, res.n)
+end
+
+-- A listener on a free loopback port whose accept loop runs
+-- handler(conn) in a task per connection. Returns listener, host, port.
+function helper.server(handler, host)
+  local l = assert(so.listen(host or "127.0.0.1", 0))
+  local h, p = so.sockname(l)
+  so.spawn(function()
+    while true do
+      local c = l:accept()
+      if not c then return end  -- closed
+      so.spawn(handler, c)
+    end
+  end)
+  return l, h, p
+end
+
+-- What a spec must leave behind: no conn, no listener, no descriptor more
+-- than at its start, and only the tasks it started with.
+function helper.snapshot()
+  collectgarbage()
+  local st = so.stats()
+  return { fds = helper.fds(), tasks = st.tasks, conns = st.conns,
+           listeners = st.listeners }
+end
+
+function helper.assert_clean(before)
+  assert(helper.wait_until(function()
+    collectgarbage()
+    local now = helper.snapshot()
+    return now.conns == before.conns and now.listeners == before.listeners
+       and now.fds == before.fds and now.tasks == before.tasks
+  end, 5), "something was left open: " .. (function()
+    local now = helper.snapshot()
+    return string.format("fds %d->%d tasks %d->%d conns %d->%d listeners "
+      .. "%d->%d", before.fds, now.fds, before.tasks, now.tasks, before.conns,
+      now.conns, before.listeners, now.listeners)
+  end)())
+end
+
+return helper
