@@ -81,7 +81,7 @@ static int so_accept(lua_State *L) {
 
 /*
 ** so.listen(host, port [, backlog]): a listener bound to host:port, or
-** nil, msg, name. host is numeric (IPv4 or IPv6), "localhost" or "*";
+** nil, msg, name. host is numeric (IPv4 or IPv6) or "*";
 ** another name is resolved before the listener exists (this blocks).
 */
 static int so_listen(lua_State *L) {

@@ -185,14 +185,12 @@ static int so_settimeout(lua_State *L) {
 ** ======================================================= */
 
 /*
-** Fills ss from a numeric address; "localhost" and "*" too. 0 or a libuv
-** error.
+** Fills ss from a numeric address (IPv4 or IPv6) or "*" (any IPv4
+** address). 0, or UV_EINVAL for a name, which needs a resolver.
 */
 int lh_parseaddr(const char *host, int port, struct sockaddr_storage *ss) {
   memset(ss, 0, sizeof *ss);
-  if (strcmp(host, "localhost") == 0)
-    host = "127.0.0.1";
-  else if (strcmp(host, "*") == 0)
+  if (strcmp(host, "*") == 0)
     host = "0.0.0.0";
   if (uv_ip4_addr(host, port, (struct sockaddr_in *)ss) == 0)
     return 0;

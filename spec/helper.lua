@@ -15,11 +15,17 @@ helper.luahost = os.getenv("LUAHOST") or "build/luahost"
 -- The child's stderr goes to proc.errfile. proc:stop([signal]) ends it
 -- and returns its exit code.
 function helper.start(script, ...)
+  return helper.start_with("", script, ...)
+end
+
+-- helper.start, with shell commands to run first (e.g. "ulimit -n 64;").
+function helper.start_with(prefix, script, ...)
   local args = { ... }
   for i, a in ipairs(args) do args[i] = string.format("%q", tostring(a)) end
   local errfile = os.tmpname()
-  local cmd = string.format("echo $$; exec %s %s 0 %s 2>%s", helper.luahost,
-                            script, table.concat(args, " "), errfile)
+  local cmd = string.format("echo $$; %s exec %s %s 0 %s 2>%s", prefix,
+                            helper.luahost, script, table.concat(args, " "),
+                            errfile)
   local pipe = assert(io.popen(cmd, "r"))
   local pid = assert(tonumber(pipe:read("l")), "no pid")
   local line = pipe:read("l")
@@ -71,6 +77,16 @@ function helper.fds()
     if name ~= "." and name ~= ".." then n = n + 1 end
   end
   return n - 1  -- the directory lfs.dir itself holds open
+end
+
+-- CPU time (user + system) a process has used, in seconds.
+function helper.cputime(pid)
+  local f = assert(io.open("/proc/" .. (pid or "self") .. "/stat"))
+  local s = f:read("a")
+  f:close()
+  local fields = {}
+  for x in s:match("%) (.*)"):gmatch("%S+") do fields[#fields + 1] = x end
+  return (tonumber(fields[12]) + tonumber(fields[13])) / 100
 end
 
 -- Resident set size of a process (default: this one), in bytes.
@@ -135,6 +151,38 @@ function helper.assert_clean(before)
       .. "%d->%d", before.fds, now.fds, before.tasks, now.tasks, before.conns,
       now.conns, before.listeners, now.listeners)
   end)())
+end
+
+-- A watchdog: a test that waits for longer than this fails the whole run
+-- with its name, instead of hanging it.
+helper.test_limit = 120
+do
+  local ok, busted = pcall(require, "busted")
+  if ok and type(busted) == "table" and busted.subscribe then
+    local started, name, done
+    busted.subscribe({ "test", "start" }, function(element)
+      started, name = so.now(), element.name
+      return nil, true
+    end)
+    busted.subscribe({ "test", "end" }, function()
+      started = nil
+      return nil, true
+    end)
+    busted.subscribe({ "exit" }, function()
+      done = true
+      return nil, true
+    end)
+    so.spawn(function()
+      while not done do
+        so.sleep(0.1)
+        if started and so.now() - started > helper.test_limit then
+          io.stderr:write("luahost spec: test hung for ", helper.test_limit,
+                          " s: ", tostring(name), "\n")
+          os.exit(1)
+        end
+      end
+    end)
+  end
 end
 
 return helper

@@ -1,0 +1,134 @@
+-- The luahost command: arguments, exit status, errors, paths, signals.
+local so = require "so"
+local helper = require "helper"
+
+local function script(source)
+  local path = os.tmpname() .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(source)
+  f:close()
+  return path
+end
+
+local function luahost(args)
+  return helper.run(helper.luahost .. " " .. args)
+end
+
+describe("luahost", function()
+  it("prints usage on stderr and exits 2 without a script", function()
+    local code, out, err = luahost("")
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.matches("^usage: luahost %[options%] script %[args%]", err)
+  end)
+
+  it("prints usage on stderr and exits 2 for a bad option", function()
+    local code, _, err = luahost("--frobnicate x.lua")
+    assert.equal(2, code)
+    assert.matches("unknown option '%-%-frobnicate'", err)
+    assert.matches("usage: luahost", err)
+  end)
+
+  it("answers --version and --help on stdout", function()
+    local code, out = luahost("--version")
+    assert.equal(0, code)
+    assert.matches("^luahost %d+%.%d+%.%d+ %(Lua 5%.4%.%d+, libuv 1%.%d+%.%d+%)\n$", out)
+    code, out = luahost("--help")
+    assert.equal(0, code)
+    assert.matches("^usage: luahost", out)
+  end)
+
+  it("exits 1 when the script cannot be opened", function()
+    local code, out, err = luahost("no/such.lua")
+    assert.equal(1, code)
+    assert.equal("", out)
+    assert.matches("^luahost: cannot open no/such.lua", err)
+  end)
+
+  it("names file:line for a syntax error, and exits 1", function()
+    local path = script("local x = = 1\n")
+    local code, _, err = luahost(path)
+    os.remove(path)
+    assert.equal(1, code)
+    assert.equal("luahost: " .. path .. ":1: unexpected symbol near '='\n", err)
+  end)
+
+  it("exits 1 with message and traceback when the script raises", function()
+    local path = script([[
+      local so = require "so"
+      so.sleep(0.01)
+      local function f() error("script failed") end
+      f()
+    ]])
+    local code, _, err = luahost(path)
+    os.remove(path)
+    assert.equal(1, code)
+    assert.matches("^luahost: [^\n]+:3: script failed\nstack traceback:\n", err)
+    assert.matches("in main chunk", err)
+  end)
+
+  it("exits 1 when the script raises, even with other tasks running",
+     function()
+    local path = script([[
+      local so = require "so"
+      so.spawn(function() so.sleep(60) end)
+      so.sleep(0.01)
+      error("stop")
+    ]])
+    local t0 = so.now()
+    local code = luahost(path)
+    os.remove(path)
+    assert.equal(1, code)
+    assert.is_true(so.now() - t0 < 5)
+  end)
+
+  it("sets arg and ... as lua does, and exits 0 when nothing is left",
+     function()
+    local path = script([[
+      local so = require "so"
+      print(arg[0] == ..., arg[1], arg[2], #arg, select("#", ...), ...)
+      so.spawn(function() so.sleep(0.05) print("last task done") end)
+    ]])
+    local code, out = luahost(path .. " one 'two words'")
+    os.remove(path)
+    assert.equal(0, code)
+    assert.equal("false\tone\ttwo words\t2\t2\tone\ttwo words\nlast task done\n", out)
+  end)
+
+  it("stops at -- and passes options after the script to it", function()
+    local path = script("print(...)")
+    local code, out = luahost("-- " .. path .. " --version -x")
+    os.remove(path)
+    assert.equal(0, code)
+    assert.equal("--version\t-x\n", out)
+  end)
+
+  it("finds the host's Lua modules from any directory, and Debian's", function()
+    local path = script([[
+      print(package.searchpath("so.reader", package.path) ~= nil)
+      print(require("lfs") ~= nil, require("pl.path") ~= nil)
+    ]])
+    local code, out, err = helper.run("cd / && " .. helper.luahost:gsub("^build/",
+      os.getenv("PWD") .. "/build/") .. " " .. path)
+    os.remove(path)
+    assert.equal(0, code, err)
+    assert.equal("true\ntrue\ttrue\n", out)
+  end)
+
+  for _, sig in ipairs({ "INT", "TERM" }) do
+    it("closes everything and exits 0 within a second on SIG" .. sig, function()
+      local proc = helper.start("scripts/echo.lua")
+      local c = assert(so.connect(proc.host, proc.port))
+      assert(c:write("x"))
+      assert.equal("x", c:read())
+      local t0 = so.now()
+      assert.equal(0, proc:stop(sig))
+      assert.is_true(so.now() - t0 < 1.5)
+      c:settimeout(2)
+      local d, msg = c:read()
+      assert.truthy(d == "" or d == nil, msg)  -- EOF (or reset): not a hang
+      c:close()
+      assert.is_nil((so.connect(proc.host, proc.port)))
+    end)
+  end
+end)

@@ -1,0 +1,181 @@
+-- Tasks: so.spawn, so.join, so.sleep, plain yields, errors.
+local so = require "so"
+local helper = require "helper"
+
+-- Runs a script in a child luahost; returns exit code, stdout, stderr.
+local function luahost(source, ...)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(source)
+  f:close()
+  local args = { ... }
+  for i, a in ipairs(args) do args[i] = string.format("%q", a) end
+  local code, out, err = helper.run(string.format("%s %s %s", helper.luahost,
+                                    path, table.concat(args, " ")))
+  os.remove(path)
+  return code, out, err, path
+end
+
+describe("so.spawn", function()
+  local before
+  before_each(function() before = helper.snapshot() end)
+  after_each(function() helper.assert_clean(before) end)
+
+  it("runs the function at once, until it first waits", function()
+    local steps = {}
+    local t = so.spawn(function(a, b)
+      steps[#steps + 1] = "started " .. a .. b
+      so.sleep(0)
+      steps[#steps + 1] = "resumed"
+      return "r1", "r2"
+    end, "x", "y")
+    steps[#steps + 1] = "spawn returned"
+    assert.same({ "started xy", "spawn returned" }, steps)
+    assert.same({ true, "r1", "r2" }, { so.join(t) })
+    assert.same({ "started xy", "spawn returned", "resumed" }, steps)
+    assert.matches("^task %(done%)", tostring(t))
+  end)
+
+  it("returns a task handle, not a coroutine", function()
+    local t = so.spawn(function() end)
+    assert.equal("userdata", type(t))
+    assert.has_error(function() coroutine.resume(t) end)
+    assert.has_error(function() so.spawn("f") end,
+                     "bad argument #1 to 'spawn' (function expected, got string)")
+  end)
+
+  it("keeps a failing task's error to itself", function()
+    local other = so.spawn(function() so.sleep(0.02); return "fine" end)
+    local bad = so.spawn(function() so.sleep(0.01); error("boom") end)
+    local ok, err = so.join(bad)
+    assert.is_false(ok)
+    assert.matches("boom$", err)
+    assert.same({ true, "fine" }, { so.join(other) })
+  end)
+
+  it("runs a failing task's <close> variables", function()
+    local closed = false
+    local t = so.spawn(function()
+      local _ <close> = setmetatable({}, { __close = function() closed = true end })
+      so.sleep(0)
+      error("after a wait")
+    end)
+    assert.is_false((so.join(t)))
+    assert.is_true(closed)
+  end)
+
+  it("runs 10,000 tasks, and wakes a chain of 1,000 joins without nesting",
+     function()
+    local done = 0
+    for _ = 1, 10000 do
+      so.spawn(function() so.sleep(0); done = done + 1 end)
+    end
+    assert.is_true(helper.wait_until(function() return done == 10000 end))
+    -- Each task joins the one before: the first ending wakes them all, one
+    -- after another, from the ready queue rather than inside each other.
+    local gate = so.spawn(function() so.sleep(0.01) return 0 end)
+    local prev = gate
+    for _ = 1, 1000 do
+      local p = prev
+      prev = so.spawn(function()
+        local _, n = so.join(p)
+        return n + 1
+      end)
+    end
+    assert.same({ true, 1000 }, { so.join(prev) })
+  end)
+
+  it("runs a plain coroutine.yield again on the next loop turn", function()
+    local turns = 0
+    local spinner = so.spawn(function()
+      for _ = 1, 5 do
+        coroutine.yield("ignored")
+        turns = turns + 1
+      end
+      return turns
+    end)
+    local sleeper = so.spawn(function() so.sleep(0); return turns end)
+    assert.same({ true, 5 }, { so.join(spinner) })
+    local _, seen = so.join(sleeper)
+    assert.is_true(seen < 5)  -- the spinner did not starve the loop
+  end)
+
+  it("lets a script use its own coroutines inside a task", function()
+    local gen = coroutine.wrap(function()
+      for i = 1, 3 do coroutine.yield(i) end
+    end)
+    assert.same({ 1, 2, 3 }, { gen(), gen(), gen() })
+  end)
+end)
+
+describe("so.join", function()
+  it("returns true and the results, or false and the error", function()
+    local t = so.spawn(function() return 1, nil, 3 end)
+    local r = table.pack(so.join(t))
+    assert.equal(4, r.n)
+    assert.same({ true, 1, nil, 3 }, { r[1], r[2], r[3], r[4] })
+    local e = so.spawn(function() error({ code = 7 }) end)
+    local ok, err = so.join(e)
+    assert.is_false(ok)
+    assert.same({ code = 7 }, err)
+    -- joining again gives the same
+    assert.same({ true, 1, nil, 3 }, { so.join(t) })
+  end)
+
+  it("times out with nil, ETIMEDOUT, and the task goes on", function()
+    local t = so.spawn(function() so.sleep(0.1); return "late" end)
+    local ok, msg, name = so.join(t, 0.01)
+    assert.is_nil(ok)
+    assert.equal("ETIMEDOUT", name, msg)
+    assert.same({ true, "late" }, { so.join(t) })
+  end)
+
+  it("wakes every task joining the same task", function()
+    local t = so.spawn(function() so.sleep(0.01); return "x" end)
+    local a = so.spawn(function() return select(2, so.join(t)) end)
+    local b = so.spawn(function() return select(2, so.join(t)) end)
+    assert.same({ true, "x" }, { so.join(a) })
+    assert.same({ true, "x" }, { so.join(b) })
+  end)
+end)
+
+describe("so.sleep and so.now", function()
+  it("sleeps about as long as asked, in order", function()
+    local order = {}
+    local t0 = so.now()
+    local a = so.spawn(function() so.sleep(0.06); order[#order + 1] = "a" end)
+    local b = so.spawn(function() so.sleep(0.02); order[#order + 1] = "b" end)
+    so.join(a)
+    so.join(b)
+    assert.same({ "b", "a" }, order)
+    assert.is_true(so.now() - t0 >= 0.05)
+    assert.has_error(function() so.sleep(-1) end)
+    assert.has_error(function() so.sleep("soon") end)
+  end)
+end)
+
+describe("a failing task in a script", function()
+  it("is printed with its traceback and affects no other task", function()
+    local code, out, err = luahost([[
+      local so = require "so"
+      local function inner() error("task failed here") end
+      so.spawn(function() so.sleep(0.01); inner() end)
+      so.spawn(function() so.sleep(0.05); print("other task finished") end)
+    ]])
+    assert.equal(0, code)
+    assert.equal("other task finished\n", out)
+    assert.matches("luahost: [^\n]*:2: task failed here\nstack traceback:\n", err)
+    assert.matches("in %a* ?[%w']*inner", err)
+  end)
+
+  it("with a non-string error value is still reported", function()
+    local code, _, err = luahost([[
+      local so = require "so"
+      so.spawn(function() error(setmetatable({}, { __tostring = function() return "custom" end })) end)
+      so.spawn(function() error({}) end)
+    ]])
+    assert.equal(0, code)
+    assert.matches("luahost: custom\n", err)
+    assert.matches("luahost: %(error object is a table value%)", err)
+  end)
+end)
