@@ -1,0 +1,304 @@
+# report.awk: turns the raw "kv ..." lines of one bench/run into Markdown.
+# Plain POSIX awk (Debian's default is mawk): no asort, no gensub.
+#
+# awk -f report.awk -v kind=echo|http -v title=... -v when=... -v machine=...
+#     -v runs=... -v png=FILE -v chart=FILE -v levels=1,10,... SERVERS RAW
+#
+# SERVERS: one line per server, tab-separated: id, label, status
+# (ok | missing | skipped), note.  RAW: lines "kv server=ID rep=N mode=...
+# key=value ... ok=0|1" as bench/run collects them from loadgen or wrk.
+# Writes the report on stdout and, for kind=echo, the chart's data to
+# `chart` (a tab-separated table: connections, then one column per server).
+
+BEGIN {
+  FS = "\t"; nserv = 0
+  # Sections appear only for the modes this run measured.
+  n = split(modes == "" ? "pingpong,bulk,idle,flood,scale" : modes, ml, ",")
+  for (i = 1; i <= n; i++) want[ml[i]] = 1
+}
+
+FILENAME == ARGV[1] {
+  nserv++
+  sid[nserv] = $1; label[$1] = $2; status[$1] = $3; note[$1] = $4
+  next
+}
+
+{
+  # A raw line: split on blanks, not tabs.
+  n = split($0, f, " ")
+  delete rec
+  for (i = 2; i <= n; i++) {
+    eq = index(f[i], "=")
+    if (eq > 0) rec[substr(f[i], 1, eq - 1)] = substr(f[i], eq + 1)
+  }
+  s = rec["server"]; m = rec["mode"]
+  if (m == "scale") m = "scale:" rec["conns"]
+  if (rec["ok"] != "1") { failed[s, m]++; next }
+  good[s, m]++
+  for (k in rec) {
+    if (k == "server" || k == "rep" || k == "mode" || k == "ok") continue
+    vals[s, m, k] = vals[s, m, k] " " rec[k]
+  }
+}
+
+function sorted(list, a,    n, i, j, t) {
+  n = split(list, a, " ")
+  for (i = 2; i <= n; i++) {
+    t = a[i] + 0
+    for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]
+    a[j + 1] = t
+  }
+  return n
+}
+
+function med(s, m, k,    a, n) {
+  n = sorted(vals[s, m, k], a)
+  if (n == 0) return ""
+  if (n % 2) return a[(n + 1) / 2] + 0
+  return (a[n / 2] + a[n / 2 + 1]) / 2
+}
+
+function lo(s, m, k,    a, n) { n = sorted(vals[s, m, k], a); return n ? a[1] + 0 : "" }
+function hi(s, m, k,    a, n) { n = sorted(vals[s, m, k], a); return n ? a[n] + 0 : "" }
+
+# A median, with its min-max spread when there was more than one run.
+function cell(s, m, k, fmt, scale,    v, a, n) {
+  if (scale == "") scale = 1
+  v = med(s, m, k)
+  if (v == "") return nodata(s, m)
+  n = sorted(vals[s, m, k], a)
+  if (n < 2) return sprintf(fmt, v / scale)
+  return sprintf(fmt " (" fmt "–" fmt ")", v / scale, a[1] / scale, a[n] / scale)
+}
+
+function plain(s, m, k, fmt, scale,    v) {
+  if (scale == "") scale = 1
+  v = med(s, m, k)
+  if (v == "") return nodata(s, m)
+  return sprintf(fmt, v / scale)
+}
+
+function nodata(s, m) {
+  if (status[s] != "ok") return status[s]
+  if (failed[s, m]) return "failed"
+  return "—"
+}
+
+function ratio(s, m, k, base,    a, b) {
+  a = med(s, m, k); b = med(base, m, k)
+  if (a == "" || b == "" || b == 0) return "—"
+  return sprintf("%.2f×", a / b)
+}
+
+function failnote(s, m) {
+  if (failed[s, m] && good[s, m]) return " (" failed[s, m] " failed)"
+  return ""
+}
+
+function row(cells) { print "| " cells " |" }
+
+function missing_notes(    i, s, any) {
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]
+    if (status[s] != "ok") {
+      if (!any) { print ""; any = 1 }
+      print "- **" label[s] "**: " status[s] ". " note[s]
+    }
+  }
+}
+
+function target(what, v, ok) {
+  if (v == "") { row(what " | — | no data"); return }
+  row(what " | " v " | " (ok ? "met" : "**not met**"))
+}
+
+function echo_report(    i, s, m, nl, lv, L, c, v, a, b) {
+  print "# " title
+  print ""
+  print "- When: " when
+  print "- Machine: " machine
+  print "- Runs: " runs
+  print "- Servers: each started fresh for each figure; all figures medians,"
+  print "  with the min–max spread of the runs in brackets."
+  missing_notes()
+
+  if (want["pingpong"]) {
+  print ""
+  print "## pingpong: 100 connections, 64-byte messages, one in flight each"
+  print ""
+  row("server | round trips/s | × raw libuv | p50 ms | p99 ms | max ms | server CPU % | loadgen CPU %")
+  row("--- | ---: | ---: | ---: | ---: | ---: | ---: | ---:")
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; m = "pingpong"
+    row(label[s] failnote(s, m) " | " cell(s, m, "rps", "%.0f") " | " ratio(s, m, "rps", "uv") \
+        " | " plain(s, m, "p50_ms", "%.2f") " | " plain(s, m, "p99_ms", "%.2f") \
+        " | " plain(s, m, "max_ms", "%.1f") " | " plain(s, m, "srv_cpu", "%.0f") \
+        " | " plain(s, m, "lg_cpu", "%.0f"))
+  }
+  }
+
+  if (want["bulk"]) {
+  print ""
+  print "## bulk: 10 connections streaming 64 KiB writes, every byte verified"
+  print ""
+  row("server | MB/s echoed | × raw libuv | server CPU % | loadgen CPU %")
+  row("--- | ---: | ---: | ---: | ---:")
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; m = "bulk"
+    row(label[s] failnote(s, m) " | " cell(s, m, "mbps", "%.0f") " | " ratio(s, m, "mbps", "uv") \
+        " | " plain(s, m, "srv_cpu", "%.0f") " | " plain(s, m, "lg_cpu", "%.0f"))
+  }
+  }
+
+  if (want["idle"]) {
+  print ""
+  print "## idle: " (idle_conns ? idle_conns : "N") " connections held open after one echo each"
+  print ""
+  row("server | RSS before MiB | RSS after MiB | bytes/conn | × raw libuv")
+  row("--- | ---: | ---: | ---: | ---:")
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; m = "idle"
+    row(label[s] failnote(s, m) " | " plain(s, m, "rss_before_kb", "%.1f", 1024) \
+        " | " plain(s, m, "rss_after_kb", "%.1f", 1024) " | " cell(s, m, "bytes_per_conn", "%.0f") \
+        " | " ratio(s, m, "bytes_per_conn", "uv"))
+  }
+  }
+
+  if (want["flood"]) {
+  print ""
+  print "## flood: one connection writes " (flood_total ? flood_total : "256 MiB") " and reads nothing until blocked"
+  print ""
+  row("server | accepted MiB | blocked | idle RSS MiB | peak RSS MiB | peak − idle MiB | read back s")
+  row("--- | ---: | :---: | ---: | ---: | ---: | ---:")
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; m = "flood"
+    b = med(s, m, "blocked")
+    row(label[s] failnote(s, m) " | " cell(s, m, "accepted", "%.1f", 1048576) \
+        " | " (b == "" ? nodata(s, m) : (b >= 1 ? "yes" : "no")) \
+        " | " plain(s, m, "idle_rss_kb", "%.1f", 1024) " | " plain(s, m, "peak_rss_kb", "%.1f", 1024) \
+        " | " cell(s, m, "peak_over_idle_kb", "%.2f", 1024) " | " plain(s, m, "readback_s", "%.2f"))
+  }
+  }
+
+  nl = split(levels, L, ",")
+  if (want["scale"]) {
+  print ""
+  print "## scale: pingpong, 64-byte messages, round trips/s by connection count"
+  print ""
+  c = "server"; v = "---"
+  for (lv = 1; lv <= nl; lv++) { c = c " | " L[lv]; v = v " | ---:" }
+  row(c " | " L[nl] " ÷ 100"); row(v " | ---:")
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; c = label[s]
+    for (lv = 1; lv <= nl; lv++) c = c " | " plain(s, "scale:" L[lv], "rps", "%.0f")
+    a = med(s, "scale:" L[nl], "rps"); b = med(s, "scale:100", "rps")
+    row(c " | " ((a != "" && b != "" && b > 0) ? sprintf("%.2f", a / b) : "—"))
+  }
+  print ""
+  print "Ratio to raw libuv at each connection count:"
+  print ""
+  c = "server"; v = "---"
+  for (lv = 1; lv <= nl; lv++) { c = c " | " L[lv]; v = v " | ---:" }
+  row(c); row(v)
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; c = label[s]
+    for (lv = 1; lv <= nl; lv++) c = c " | " ratio(s, "scale:" L[lv], "rps", "uv")
+    row(c)
+  }
+  print ""
+  print "p99 latency (ms) at each connection count:"
+  print ""
+  c = "server"; v = "---"
+  for (lv = 1; lv <= nl; lv++) { c = c " | " L[lv]; v = v " | ---:" }
+  row(c); row(v)
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; c = label[s]
+    for (lv = 1; lv <= nl; lv++) c = c " | " plain(s, "scale:" L[lv], "p99_ms", "%.2f")
+    row(c)
+  }
+  if (png != "") {
+    print ""
+    print "![round trips per second against connection count](" png ")"
+  }
+  }
+
+  # The chart's data: one row per level, one column per server.
+  if (chart != "") {
+    c = "conns"
+    for (i = 1; i <= nserv; i++) if (status[sid[i]] == "ok") c = c "\t\"" label[sid[i]] "\""
+    print c > chart
+    for (lv = 1; lv <= nl; lv++) {
+      c = L[lv]
+      for (i = 1; i <= nserv; i++) {
+        s = sid[i]
+        if (status[s] != "ok") continue
+        v = med(s, "scale:" L[lv], "rps")
+        c = c "\t" (v == "" ? "?" : v)
+      }
+      print c > chart
+    }
+    close(chart)
+  }
+
+  # The issue's targets for luahost, checked on this run's medians.
+  print ""
+  print "## luahost targets (this run)"
+  print ""
+  if (status["luahost"] != "ok") {
+    print "luahost was " status["luahost"] ": no target checked."
+    return
+  }
+  row("target | measured | status"); row("--- | ---: | ---")
+  if (want["pingpong"]) {
+    tgt_ratio("pingpong 100 conns ≥ 0.9× raw libuv", "pingpong", "rps", "uv", 0.9)
+    tgt_ratio("pingpong 100 conns ≥ 2× Node", "pingpong", "rps", "node", 2)
+    tgt_ratio("pingpong 100 conns ≥ 1.5× cqueues", "pingpong", "rps", "cqueues", 1.5)
+  }
+  if (want["bulk"])
+    tgt_ratio("bulk 10 conns ≥ 0.9× raw libuv", "bulk", "mbps", "uv", 0.9)
+  if (want["idle"]) {
+    v = med("luahost", "idle", "bytes_per_conn")
+    target("idle ≤ 1,500 bytes/conn (" (idle_conns ? idle_conns : "?") " conns)", \
+           v == "" ? "" : sprintf("%.0f", v), v != "" && v <= 1500)
+  }
+  if (want["flood"]) {
+    v = med("luahost", "flood", "peak_over_idle_kb")
+    target("flood peak RSS ≤ 2 MiB above idle", v == "" ? "" : sprintf("%.2f MiB", v / 1024), \
+           v != "" && v <= 2048)
+  }
+  if (want["scale"]) {
+    a = med("luahost", "scale:" L[nl], "rps"); b = med("luahost", "scale:100", "rps")
+    target("scale " L[nl] " conns ≥ 0.8× its own 100-conn rate", \
+           (a == "" || b == "") ? "" : sprintf("%.2f×", a / b), a != "" && b != "" && a / b >= 0.8)
+  }
+}
+
+function tgt_ratio(what, m, k, base, want,    a, b) {
+  a = med("luahost", m, k); b = med(base, m, k)
+  if (a == "" || b == "" || b == 0) { row(what " | — | no data (" base ")"); return }
+  target(what, sprintf("%.2f×", a / b), a / b >= want)
+}
+
+function http_report(    i, s, m) {
+  print "# " title
+  print ""
+  print "- When: " when
+  print "- Machine: " machine
+  print "- Runs: " runs
+  print "- Load: wrk -t1 -c100 --latency, keep-alive GET / answered by \"hello world\\n\";"
+  print "  medians, with the min–max spread of the runs in brackets."
+  missing_notes()
+  print ""
+  row("server | requests/s | × nginx+Lua | × Node | p50 ms | p99 ms | errors")
+  row("--- | ---: | ---: | ---: | ---: | ---: | ---:")
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; m = "http"
+    row(label[s] failnote(s, m) " | " cell(s, m, "rps", "%.0f") " | " ratio(s, m, "rps", "nginx") \
+        " | " ratio(s, m, "rps", "node") " | " plain(s, m, "p50_ms", "%.2f") \
+        " | " plain(s, m, "p99_ms", "%.2f") " | " plain(s, m, "errors", "%.0f"))
+  }
+}
+
+END {
+  if (kind == "http") http_report(); else echo_report()
+}
