@@ -84,6 +84,7 @@ typedef struct lh_host {
   uv_loop_t *loop;
   lua_State *L;           /* main state; NULL once closed */
   int depth;              /* resumes in progress (0: called from the loop) */
+  lh_task *resuming;      /* the task the host is resuming, if any */
   int exit_status;        /* what main returns */
   lh_task *ready_head, *ready_tail;
   uv_check_t ready_check; /* runs queued tasks after each poll */
@@ -106,6 +107,7 @@ int lh_wait(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
 int lh_waitk(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
              int64_t timeout_ms, lua_KContext ctx, lua_KFunction k);
 void lh_wait_end(lh_task *t);
+void lh_check_resume(lua_State *L);
 void lh_resume(lh_task *t, int nargs);
 void lh_wake(lh_task *t, int nargs);
 int lh_spawn_main(lua_State *L, int nargs);

@@ -394,6 +394,7 @@ static void cancel_connect(lh_task *t) {
 static int k_connect(lua_State *L, int status, lua_KContext ctx) {
   int conn = (int)ctx;
   (void)status;
+  lh_check_resume(L);
   if (lua_gettop(L) == conn + 1 && lua_toboolean(L, -1)) {
     lua_pushvalue(L, conn);
     return 1;  /* the conn */

@@ -26,6 +26,7 @@ lh_host lh_H;
 static lh_task *main_task;
 
 static void run(lh_task *t, int nargs, lua_State *from);
+static void abandon(lh_task *t);
 
 /*
 ** The task a C function runs in, or NULL in a coroutine the host did not
@@ -90,14 +91,42 @@ static void on_deadline(uv_timer_t *timer) {
 ** waits on. Marks the task waiting, starts its deadline and yields; the
 ** results are whatever the completing callback pushes.
 */
+/*
+** The first thing a task does when a wait of the host's ends. A script can
+** reach a task's thread (coroutine.running) and resume it itself; that
+** resume must not return made-up results while the object it waits on
+** still points at the task, so the wait is undone and the resume fails.
+*/
+void lh_check_resume(lua_State *L) {
+  lh_task *t = lh_task_current(L);
+  if (lh_H.resuming == t) {
+    lh_H.resuming = NULL;
+    return;
+  }
+  if (t->cancel != NULL)
+    t->cancel(t);
+  lh_wait_end(t);
+  abandon(t);
+  luaL_error(L, "a task waiting in the host was resumed by coroutine.resume "
+             "(only the host resumes tasks)");
+}
+
+static int k_wait(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  (void)ctx;
+  lh_check_resume(L);
+  return lua_gettop(L) - (int)ctx;  /* what the completing callback pushed */
+}
+
 int lh_wait(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
             int64_t timeout_ms) {
-  return lh_waitk(L, t, on, cancel, timeout_ms, 0, NULL);
+  return lh_waitk(L, t, on, cancel, timeout_ms, lua_gettop(L), k_wait);
 }
 
 /*
 ** lh_wait with a continuation, for a function that has more to do with
-** the results (so.connect returns the conn it made).
+** the results (so.connect returns the conn it made). k must begin with
+** lh_check_resume(L).
 */
 int lh_waitk(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
              int64_t timeout_ms, lua_KContext ctx, lua_KFunction k) {
@@ -249,6 +278,35 @@ static void report(lua_State *L, lua_State *co) {
   lua_pop(L, 2);
 }
 
+/*
+** What every end of a task shares: its deadline timer goes, its joiners
+** wake, and it is no longer anchored (collectable once unreachable).
+*/
+static void release(lh_task *t) {
+  if (t->timer != NULL) {
+    uv_close((uv_handle_t *)t->timer, free_timer);
+    t->timer = NULL;
+  }
+  wake_joiners(t);
+  luaL_unref(lh_H.L, LUA_REGISTRYINDEX, t->ref);
+  t->ref = LUA_NOREF;
+  lh_H.ntasks--;
+  if (t == main_task)
+    main_task = NULL;
+}
+
+/*
+** Ends a task whose thread someone else took over: the thread becomes a
+** plain coroutine (so no call of ours treats it as a task again), and the
+** task counts as failed, with no error value, for so.join.
+*/
+static void abandon(lh_task *t) {
+  *(lh_task **)lua_getextraspace(t->co) = NULL;
+  t->status = LH_TASK_FAILED;
+  t->nargs = 0;
+  release(t);
+}
+
 static void finish(lh_task *t, int status, int nres, lua_State *L) {
   lua_State *co = t->co;
   if (status == LUA_OK) {
@@ -267,21 +325,11 @@ static void finish(lh_task *t, int status, int nres, lua_State *L) {
     lua_xmove(L, co, 1);  /* the error value is the "result" */
     t->nargs = 1;
   }
-  if (t->timer != NULL) {
-    uv_close((uv_handle_t *)t->timer, free_timer);
-    t->timer = NULL;
+  if (t == main_task && status != LUA_OK) {  /* the script raised: exit 1 */
+    lh_H.exit_status = 1;
+    uv_stop(lh_H.loop);
   }
-  wake_joiners(t);
-  luaL_unref(L, LUA_REGISTRYINDEX, t->ref);  /* collectable from now on */
-  t->ref = LUA_NOREF;
-  lh_H.ntasks--;
-  if (t == main_task) {
-    main_task = NULL;
-    if (status != LUA_OK) {  /* the script raised: exit 1 as lua does */
-      lh_H.exit_status = 1;
-      uv_stop(lh_H.loop);
-    }
-  }
+  release(t);
 }
 
 /*
@@ -292,7 +340,9 @@ static void run(lh_task *t, int nargs, lua_State *from) {
   int nres, status;
   t->status = LH_TASK_RUNNING;
   lh_H.depth++;
+  lh_H.resuming = t;
   status = lua_resume(t->co, from, nargs, &nres);
+  lh_H.resuming = NULL;
   lh_H.depth--;
   if (status == LUA_YIELD) {
     lua_pop(t->co, nres);

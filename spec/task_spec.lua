@@ -100,6 +100,42 @@ describe("so.spawn", function()
     assert.is_true(seen < 5)  -- the spinner did not starve the loop
   end)
 
+  it("refuses a coroutine.resume of a task that waits in the host", function()
+    local th
+    local l = assert(so.listen("127.0.0.1", 0))
+    local t = so.spawn(function()
+      th = coroutine.running()
+      return l:accept()
+    end)
+    local ok, err = coroutine.resume(th, "forged conn")
+    assert.is_false(ok)
+    assert.matches("resumed by coroutine.resume", err)
+    assert.same({ false }, { so.join(t, 1) })
+    -- the listener forgot the task: a connection now waits for a new one
+    local h, p = l:sockname()
+    local c = assert(so.connect(h, p))
+    local s = assert(l:accept())
+    s:close()
+    c:close()
+    l:close()
+  end)
+
+  it("survives a coroutine.close of a waiting task", function()
+    local th
+    local l = assert(so.listen("127.0.0.1", 0))
+    local h, p = l:sockname()
+    local t = so.spawn(function()
+      th = coroutine.running()
+      return l:accept()
+    end)
+    assert.is_true(coroutine.close(th))
+    local c = assert(so.connect(h, p))
+    local ok = so.join(t, 1)
+    assert.is_false(ok)
+    c:close()
+    l:close()
+  end)
+
   it("lets a script use its own coroutines inside a task", function()
     local gen = coroutine.wrap(function()
       for i = 1, 3 do coroutine.yield(i) end
