@@ -1,0 +1,42 @@
+-- A small HTTP/1.1 server: build/luahost scripts/http_hello.lua [PORT [HOST]]
+--
+--   GET /        200 "hello world\n"
+--   POST /echo   the request body, streamed back as it arrives
+--   GET /stream  a chunked response produced piece by piece
+--   otherwise    404
+local so = require "so"
+local http = require "so.http"
+
+local port = tonumber(arg[1]) or 1234
+local host = arg[2] or "127.0.0.1"
+
+local TEXT = { ["Content-Type"] = "text/plain" }
+local OCTETS = { ["Content-Type"] = "application/octet-stream" }
+local HELLO = { status = 200, headers = TEXT, body = "hello world\n" }
+local NOT_FOUND = { status = 404, headers = TEXT, body = "not found\n" }
+
+local function handler(req, body)
+  local path, method = req.path, req.method
+  if path == "/" and (method == "GET" or method == "HEAD") then
+    return HELLO
+  elseif path == "/echo" and method == "POST" then
+    return { status = 200, headers = OCTETS, body = body }
+  elseif path == "/stream" and (method == "GET" or method == "HEAD") then
+    local i = 0
+    return { status = 200, headers = TEXT, body = function()
+      i = i + 1
+      if i > 5 then return nil end
+      if i > 1 then so.sleep(0.01) end
+      return "piece " .. i .. "\n"
+    end }
+  end
+  return NOT_FOUND
+end
+
+local server = assert(http.listen(host, port, handler, {
+  max_body = 4 * 1024 * 1024 * 1024,   -- /echo streams: 4 GiB is fine
+}))
+local h, p = server:sockname()
+io.write("listening on ", h, ":", p, "\n")
+io.stdout:flush()
+server:serve()
