@@ -16,6 +16,9 @@
 
 #define LUAHOST_VERSION "luahost 0.1.0"
 
+/* Nested resumes so.spawn makes before it queues new tasks instead. */
+#define LH_MAX_NESTED_SPAWNS 64
+
 /*
 ** A task: a Lua thread run by the scheduler. The struct lives in a full
 ** userdata (the task handle scripts see); its first user value is the
@@ -84,7 +87,6 @@ typedef struct lh_host {
   uv_loop_t *loop;
   lua_State *L;           /* main state; NULL once closed */
   int depth;              /* resumes in progress (0: called from the loop) */
-  lh_task *resuming;      /* the task the host is resuming, if any */
   int exit_status;        /* what main returns */
   lh_task *ready_head, *ready_tail;
   uv_check_t ready_check; /* runs queued tasks after each poll */
@@ -107,7 +109,7 @@ int lh_wait(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
 int lh_waitk(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
              int64_t timeout_ms, lua_KContext ctx, lua_KFunction k);
 void lh_wait_end(lh_task *t);
-void lh_check_resume(lua_State *L);
+void lh_guard_coroutines(lua_State *L);
 void lh_resume(lh_task *t, int nargs);
 void lh_wake(lh_task *t, int nargs);
 int lh_spawn_main(lua_State *L, int nargs);

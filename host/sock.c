@@ -47,10 +47,17 @@ lh_sock *lh_checklistener(lua_State *L, int arg) {
 ** A conn or a listener, open or closed: what so.close and so.settimeout
 ** take.
 */
-static lh_sockref *checkref(lua_State *L, int arg) {
+static lh_sockref *toref(lua_State *L, int arg) {
   lh_sockref *ref = lua_touserdata(L, arg);
   if (ref == NULL || lua_rawlen(L, arg) != sizeof *ref ||
       (ref->tag != LH_TAG_CONN && ref->tag != LH_TAG_LISTENER))
+    return NULL;
+  return ref;
+}
+
+static lh_sockref *checkref(lua_State *L, int arg) {
+  lh_sockref *ref = toref(L, arg);
+  if (ref == NULL)
     luaL_typeerror(L, arg, "conn or listener");
   return ref;
 }
@@ -149,8 +156,11 @@ static int so_close(lua_State *L) {
   return 1;
 }
 
+/* __gc and __close; a script may call them by hand, with anything. */
 static int sock_gc(lua_State *L) {
-  closeref(lua_touserdata(L, 1));
+  lh_sockref *ref = toref(L, 1);
+  if (ref != NULL)
+    closeref(ref);
   return 0;
 }
 

@@ -116,7 +116,7 @@ static int so_read(lua_State *L) {
 typedef struct write_req {
   uv_write_t req;
   lh_task *task;  /* the writer, NULL once it stopped waiting (timeout) */
-  int data_ref;   /* the string or table being written, until the callback */
+  int data_ref;   /* what the buffers point into, until the callback */
 } write_req;
 
 static void on_write(uv_write_t *r, int status) {
@@ -145,7 +145,33 @@ static void cancel_write(lh_task *t) {
   req->task = NULL;  /* the write goes on; only its writer left */
 }
 
-#define NSMALLBUFS 16
+#define MAXPIECES 1024
+
+/*
+** The buffers of a write being prepared: uv_write copies the array, and
+** nothing runs between filling it and handing it over.
+*/
+static uv_buf_t pieces[MAXPIECES];
+
+/*
+** Anchors what a queued write reads from: a string is itself; the strings
+** of a table are copied into a new table, from the first one not yet
+** written, since the script may change its own table before the write
+** completes (after a timeout, or from another task).
+*/
+static int anchor_data(lua_State *L, unsigned first, unsigned n) {
+  unsigned i;
+  if (lua_type(L, 2) == LUA_TSTRING)
+    lua_pushvalue(L, 2);
+  else {
+    lua_createtable(L, (int)(n - first), 0);
+    for (i = first; i < n; i++) {
+      lua_rawgeti(L, 2, i + 1);
+      lua_rawseti(L, -2, i - first + 1);
+    }
+  }
+  return luaL_ref(L, LUA_REGISTRYINDEX);
+}
 
 /*
 ** so.write(conn, data): data is a string or an array of strings, written
@@ -154,7 +180,7 @@ static void cancel_write(lh_task *t) {
 */
 static int so_write(lua_State *L) {
   lh_sock *s = lh_checkconn(L, 1);
-  uv_buf_t smallbufs[NSMALLBUFS], *bufs = smallbufs;
+  uv_buf_t *bufs = pieces;
   unsigned i, nbufs;
   size_t total = 0;
   int written, err;
@@ -169,10 +195,9 @@ static int so_write(lua_State *L) {
     luaL_argcheck(L, len <= UINT32_MAX, 2, "string too long");
   } else if (lua_type(L, 2) == LUA_TTABLE) {
     lua_Integer n = luaL_len(L, 2);
-    luaL_argcheck(L, n >= 0 && n <= 1024, 2, "too many pieces (1024 at most)");
+    luaL_argcheck(L, n >= 0 && n <= MAXPIECES, 2,
+                  "too many pieces (1024 at most)");
     nbufs = (unsigned)n;
-    if (nbufs > NSMALLBUFS)
-      bufs = lua_newuserdatauv(L, nbufs * sizeof *bufs, 0);  /* collectable */
     for (i = 0; i < nbufs; i++) {
       size_t len;
       const char *p;
@@ -213,8 +238,7 @@ static int so_write(lua_State *L) {
   req = malloc(sizeof *req);
   if (req == NULL)
     return luaL_error(L, "not enough memory");
-  lua_pushvalue(L, 2);
-  req->data_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  req->data_ref = anchor_data(L, i, nbufs);
   req->task = t;
   err = uv_write(&req->req, (uv_stream_t *)&s->tcp, bufs + i, nbufs - i,
                  on_write);
@@ -289,7 +313,8 @@ typedef struct connect_req {
   uv_getaddrinfo_t resolve;
   uv_connect_t connect;
   lh_task *task;          /* NULL once the task stopped waiting */
-  lh_sockref *conn;       /* on the task's stack while it waits */
+  lh_sockref *conn;       /* the conn being connected */
+  int conn_ref;           /* anchors it until the request is freed */
   struct addrinfo *addrs; /* from the resolver, freed with the request */
   struct addrinfo *next;  /* the next address to try */
   int err;                /* the last address's error */
@@ -298,6 +323,8 @@ typedef struct connect_req {
 static void connect_free(connect_req *req) {
   if (req->addrs != NULL)
     uv_freeaddrinfo(req->addrs);
+  if (lh_H.L != NULL)
+    luaL_unref(lh_H.L, LUA_REGISTRYINDEX, req->conn_ref);
   free(req);
 }
 
@@ -394,7 +421,6 @@ static void cancel_connect(lh_task *t) {
 static int k_connect(lua_State *L, int status, lua_KContext ctx) {
   int conn = (int)ctx;
   (void)status;
-  lh_check_resume(L);
   if (lua_gettop(L) == conn + 1 && lua_toboolean(L, -1)) {
     lua_pushvalue(L, conn);
     return 1;  /* the conn */
@@ -427,6 +453,8 @@ static int so_connect(lua_State *L) {
     return luaL_error(L, "not enough memory");
   }
   req->conn = lua_touserdata(L, conn);
+  lua_pushvalue(L, conn);
+  req->conn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   req->task = t;
   if (lh_parseaddr(host, (int)port, &ss) == 0) {
     err = uv_tcp_connect(&req->connect, &req->conn->s->tcp,
@@ -443,7 +471,7 @@ static int so_connect(lua_State *L) {
                          service, &hints);
   }
   if (err < 0) {
-    free(req);
+    connect_free(req);
     lh_sock_close(L, conn);
     return lh_pusherror(L, err);
   }

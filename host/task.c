@@ -26,7 +26,6 @@ lh_host lh_H;
 static lh_task *main_task;
 
 static void run(lh_task *t, int nargs, lua_State *from);
-static void abandon(lh_task *t);
 
 /*
 ** The task a C function runs in, or NULL in a coroutine the host did not
@@ -91,42 +90,14 @@ static void on_deadline(uv_timer_t *timer) {
 ** waits on. Marks the task waiting, starts its deadline and yields; the
 ** results are whatever the completing callback pushes.
 */
-/*
-** The first thing a task does when a wait of the host's ends. A script can
-** reach a task's thread (coroutine.running) and resume it itself; that
-** resume must not return made-up results while the object it waits on
-** still points at the task, so the wait is undone and the resume fails.
-*/
-void lh_check_resume(lua_State *L) {
-  lh_task *t = lh_task_current(L);
-  if (lh_H.resuming == t) {
-    lh_H.resuming = NULL;
-    return;
-  }
-  if (t->cancel != NULL)
-    t->cancel(t);
-  lh_wait_end(t);
-  abandon(t);
-  luaL_error(L, "a task waiting in the host was resumed by coroutine.resume "
-             "(only the host resumes tasks)");
-}
-
-static int k_wait(lua_State *L, int status, lua_KContext ctx) {
-  (void)status;
-  (void)ctx;
-  lh_check_resume(L);
-  return lua_gettop(L) - (int)ctx;  /* what the completing callback pushed */
-}
-
 int lh_wait(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
             int64_t timeout_ms) {
-  return lh_waitk(L, t, on, cancel, timeout_ms, lua_gettop(L), k_wait);
+  return lh_waitk(L, t, on, cancel, timeout_ms, 0, NULL);
 }
 
 /*
 ** lh_wait with a continuation, for a function that has more to do with
-** the results (so.connect returns the conn it made). k must begin with
-** lh_check_resume(L).
+** the results (so.connect returns the conn it made).
 */
 int lh_waitk(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
              int64_t timeout_ms, lua_KContext ctx, lua_KFunction k) {
@@ -246,36 +217,62 @@ static void wake_joiners(lh_task *t) {
     int i, n = t->nargs;
     t->joiners = j->next;
     j->next = NULL;
-    lua_checkstack(j->co, n + 1);
+    if (!lua_checkstack(j->co, n + 1) || !lua_checkstack(t->co, 1)) {
+      lua_pushnil(j->co);
+      lua_pushliteral(j->co, "too many results to join");
+      lh_wake(j, 2);
+      continue;
+    }
     lua_pushboolean(j->co, t->status == LH_TASK_DONE);
-    for (i = 1; i <= n; i++)
+    for (i = 1; i <= n; i++) {
       lua_pushvalue(t->co, i);
-    lua_xmove(t->co, j->co, n);
+      lua_xmove(t->co, j->co, 1);
+    }
     lh_wake(j, n + 1);
   }
 }
 
 /*
-** Prints a task's error the way lua.c does, with the task's own traceback.
+** Formats an error value (1) as lua.c's message handler does, with the
+** traceback of a thread (2) if there is one. Runs protected: a __tostring
+** is script code and may raise.
 */
-static void report(lua_State *L, lua_State *co) {
-  const char *msg = lua_tostring(co, -1);
-  if (msg == NULL) {
-    if (luaL_callmeta(co, -1, "__tostring") &&
-        lua_type(co, -1) == LUA_TSTRING) {
-      msg = lua_tostring(co, -1);
-      lua_xmove(co, L, 1);  /* keep msg alive on L */
-    } else
-      msg = lua_pushfstring(L, "(error object is a %s value)",
-                            luaL_typename(co, -1));
-  } else {
-    lua_pushvalue(co, -1);
-    lua_xmove(co, L, 1);  /* keep msg alive on L */
+static int format_error(lua_State *L) {
+  lua_State *co = lua_tothread(L, 2);
+  const char *msg;
+  if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER) {
+    lua_pushvalue(L, 1);  /* a copy: tostring converts in place */
+    msg = lua_tostring(L, -1);
+  } else if (luaL_callmeta(L, 1, "__tostring") &&
+             lua_type(L, -1) == LUA_TSTRING)
+    msg = lua_tostring(L, -1);
+  else
+    msg = lua_pushfstring(L, "(error object is a %s value)",
+                          luaL_typename(L, 1));
+  if (co != NULL)
+    luaL_traceback(L, co, msg, 0);
+  return 1;
+}
+
+/*
+** Prints the error value on top of L (and leaves it there), with co's
+** traceback unless co is NULL, the way lua.c does.
+*/
+static void report(lua_State *L, lua_State *co, const char *what) {
+  lua_pushcfunction(L, format_error);
+  lua_pushvalue(L, -2);
+  if (co != NULL) {
+    lua_pushthread(co);
+    lua_xmove(co, L, 1);
+  } else
+    lua_pushnil(L);
+  if (lua_pcall(L, 2, 1, 0) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    lua_pushliteral(L, "(error object cannot be printed)");
   }
-  luaL_traceback(L, co, msg, 0);
-  fprintf(stderr, "luahost: %s\n", lua_tostring(L, -1));
+  fprintf(stderr, "luahost: %s%s\n", what, lua_tostring(L, -1));
   fflush(stderr);
-  lua_pop(L, 2);
+  lua_pop(L, 1);
 }
 
 /*
@@ -295,18 +292,6 @@ static void release(lh_task *t) {
     main_task = NULL;
 }
 
-/*
-** Ends a task whose thread someone else took over: the thread becomes a
-** plain coroutine (so no call of ours treats it as a task again), and the
-** task counts as failed, with no error value, for so.join.
-*/
-static void abandon(lh_task *t) {
-  *(lh_task **)lua_getextraspace(t->co) = NULL;
-  t->status = LH_TASK_FAILED;
-  t->nargs = 0;
-  release(t);
-}
-
 static void finish(lh_task *t, int status, int nres, lua_State *L) {
   lua_State *co = t->co;
   if (status == LUA_OK) {
@@ -314,15 +299,23 @@ static void finish(lh_task *t, int status, int nres, lua_State *L) {
     t->nargs = nres;
   } else {
     t->status = LH_TASK_FAILED;
-    report(L, co);
-    lua_xmove(co, L, 1);  /* the error value */
+    lua_checkstack(co, 2);  /* for report's pushthread */
+    lua_pushvalue(co, -1);
+    lua_xmove(co, L, 1);  /* L: error */
+    report(L, co, "");
 #if LUA_VERSION_NUM >= 504 && LUA_VERSION_RELEASE_NUM >= 50406
     lua_closethread(co, L);  /* runs pending <close> variables */
 #else
     lua_resetthread(co);  /* runs pending <close> variables */
 #endif
+    /* The thread now holds the error value, or the error of a <close>
+       handler that raised in its turn, which replaces it. */
+    lua_xmove(co, L, 1);  /* L: error final */
+    if (!lua_rawequal(L, -1, -2))
+      report(L, NULL, "error in a <close> variable: ");
     lua_settop(co, 0);
-    lua_xmove(L, co, 1);  /* the error value is the "result" */
+    lua_xmove(L, co, 1);  /* the final error is the task's "result" */
+    lua_pop(L, 1);
     t->nargs = 1;
   }
   if (t == main_task && status != LUA_OK) {  /* the script raised: exit 1 */
@@ -340,9 +333,7 @@ static void run(lh_task *t, int nargs, lua_State *from) {
   int nres, status;
   t->status = LH_TASK_RUNNING;
   lh_H.depth++;
-  lh_H.resuming = t;
   status = lua_resume(t->co, from, nargs, &nres);
-  lh_H.resuming = NULL;
   lh_H.depth--;
   if (status == LUA_YIELD) {
     lua_pop(t->co, nres);
@@ -384,9 +375,17 @@ static int so_spawn(lua_State *L) {
   luaL_checkstack(L, 3, NULL);
   lua_pushvalue(L, 1);
   t = newtask(L);  /* fn args... task */
+  if (!lua_checkstack(t->co, nargs + 1))
+    return luaL_error(L, "too many arguments to spawn");
   lua_rotate(L, 2, 1);  /* fn task args... */
   lua_xmove(L, t->co, nargs);  /* fn task */
-  run(t, nargs, L);
+  /* Each spawn inside a task nests a resume; deep chains of tasks that
+     spawn before they first wait would reach Lua's C-call limit, so past
+     a depth the new task starts on the next loop turn instead. */
+  if (lh_H.depth >= LH_MAX_NESTED_SPAWNS)
+    ready_push(t, nargs);
+  else
+    run(t, nargs, L);
   return 1;  /* the task */
 }
 
@@ -397,6 +396,8 @@ int lh_spawn_main(lua_State *L, int nargs) {
   lh_task *t;
   lua_rotate(L, -nargs - 1, -1);  /* args... chunk */
   t = newtask(L);  /* args... task */
+  if (!lua_checkstack(t->co, nargs + 1))
+    return luaL_error(L, "too many arguments to the script");
   lua_rotate(L, -nargs - 1, 1);  /* task args... */
   lua_xmove(L, t->co, nargs);  /* task */
   main_task = t;
@@ -432,11 +433,14 @@ static int so_join(lua_State *L) {
   lh_task *self;
   if (t->status == LH_TASK_DONE || t->status == LH_TASK_FAILED) {
     int i, n = t->nargs;
-    luaL_checkstack(L, n + 1, "too many results");
+    luaL_checkstack(L, n + 1, "too many results to join");
+    if (!lua_checkstack(t->co, 1))
+      return luaL_error(L, "too many results to join");
     lua_pushboolean(L, t->status == LH_TASK_DONE);
-    for (i = 1; i <= n; i++)
+    for (i = 1; i <= n; i++) {
       lua_pushvalue(t->co, i);
-    lua_xmove(t->co, L, n);
+      lua_xmove(t->co, L, 1);
+    }
     return n + 1;  /* true, results... or false, error */
   }
   self = lh_checktask_caller(L, "join");
@@ -481,16 +485,63 @@ static int task_tostring(lua_State *L) {
 }
 
 /*
-** Only at lua_close can a task with a deadline timer be collected: a live
-** task is referenced from the registry.
+** Only at lua_close (lh_H.L is NULL then) can a task with a deadline timer
+** be collected: a live task is referenced from the registry.
 */
 static int task_gc(lua_State *L) {
   lh_task *t = lua_touserdata(L, 1);
+  if (t == NULL || lua_rawlen(L, 1) != sizeof *t || t->tag != LH_TAG_TASK)
+    return 0;  /* a script calling __gc by hand with something else */
+  if (lh_H.L != NULL)
+    return 0;  /* called by hand: a live task keeps its timer */
   if (t->timer != NULL) {
     uv_close((uv_handle_t *)t->timer, free_timer);
     t->timer = NULL;
   }
   return 0;
+}
+
+/*
+** coroutine.resume and coroutine.close, refusing a task's thread (which a
+** script can reach with coroutine.running): only the host resumes a task,
+** with the results of what it waits for, and a task ends by returning or
+** raising, never half way through a wait that an object still records.
+*/
+static int guarded(lua_State *L, const char *what) {
+  lua_State *co = lua_tothread(L, 1);
+  luaL_argexpected(L, co, 1, "coroutine");
+  if (lh_task_current(co) != NULL) {
+    if (*what == 'r') {  /* resume: fail as for a coroutine not suspended */
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "cannot resume a task (the host resumes it; "
+                      "so.join waits for it)");
+      return 2;
+    }
+    return luaL_error(L, "cannot close a task");
+  }
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+static int guarded_resume(lua_State *L) {
+  return guarded(L, "resume");
+}
+
+static int guarded_close(lua_State *L) {
+  return guarded(L, "close");
+}
+
+void lh_guard_coroutines(lua_State *L) {
+  lua_getglobal(L, "coroutine");
+  lua_getfield(L, -1, "resume");
+  lua_pushcclosure(L, guarded_resume, 1);
+  lua_setfield(L, -2, "resume");
+  lua_getfield(L, -1, "close");
+  lua_pushcclosure(L, guarded_close, 1);
+  lua_setfield(L, -2, "close");
+  lua_pop(L, 1);
 }
 
 static const luaL_Reg task_funcs[] = {

@@ -95,6 +95,16 @@ describe("luahost", function()
     assert.equal("false\tone\ttwo words\t2\t2\tone\ttwo words\nlast task done\n", out)
   end)
 
+  it("passes many arguments to the script", function()
+    local path = script("print(select('#', ...), #arg, (select(300, ...)))")
+    local args = {}
+    for i = 1, 300 do args[i] = tostring(i) end
+    local code, out = luahost(path .. " " .. table.concat(args, " "))
+    os.remove(path)
+    assert.equal(0, code)
+    assert.equal("300\t300\t300\n", out)
+  end)
+
   it("stops at -- and passes options after the script to it", function()
     local path = script("print(...)")
     local code, out = luahost("-- " .. path .. " --version -x")

@@ -102,6 +102,49 @@ describe("so.read and so.write", function()
     c:close()
   end)
 
+  it("keep the pieces of a queued table write, whatever the script does to its table",
+     function()
+    local c, s = pair()
+    local a, b = ("a"):rep(4 * 1024 * 1024), ("b"):rep(4 * 1024 * 1024)
+    local pieces = { a, b }
+    a, b = nil, nil
+    c:settimeout(0.05)
+    local ok, _, name = c:write(pieces)  -- nobody reads: it times out
+    assert.is_nil(ok)
+    assert.equal("ETIMEDOUT", name)
+    c:settimeout(nil)
+    pieces[1], pieces[2] = nil, nil
+    collectgarbage()
+    collectgarbage()
+    local junk = {}
+    for i = 1, 100 do junk[i] = ("z"):rep(100000) .. i end
+    local counts, total = { a = 0, b = 0 }, 0
+    while total < 8 * 1024 * 1024 do
+      local d = assert(s:read())
+      total = total + #d
+      for ch in pairs(counts) do
+        local _, n = d:gsub(ch, "")
+        counts[ch] = counts[ch] + n
+      end
+    end
+    assert.same({ a = 4 * 1024 * 1024, b = 4 * 1024 * 1024 }, counts)
+    c:close()
+    s:close()
+  end)
+
+  it("survive a script calling their metamethods by hand", function()
+    local c, s = pair()
+    local mt = getmetatable(c)
+    mt.__close("x")
+    mt.__gc(io.stdout)
+    mt.__gc(nil)
+    assert.is_true(c:write("alive"))
+    assert.equal("alive", s:read())
+    mt.__close(c)  -- a real conn: closes it, as so.close does
+    assert.has_error(function() c:read() end, "attempt to use a closed conn")
+    s:close()
+  end)
+
   it("complete queued writes in order", function()
     local c, s = pair()
     local big = string.rep("a", 8 * 1024 * 1024)

@@ -100,40 +100,73 @@ describe("so.spawn", function()
     assert.is_true(seen < 5)  -- the spinner did not starve the loop
   end)
 
-  it("refuses a coroutine.resume of a task that waits in the host", function()
+  it("refuses coroutine.resume and coroutine.close of a task", function()
     local th
     local l = assert(so.listen("127.0.0.1", 0))
     local t = so.spawn(function()
       th = coroutine.running()
       return l:accept()
     end)
-    local ok, err = coroutine.resume(th, "forged conn")
-    assert.is_false(ok)
-    assert.matches("resumed by coroutine.resume", err)
-    assert.same({ false }, { so.join(t, 1) })
-    -- the listener forgot the task: a connection now waits for a new one
+    assert.same({ false, "cannot resume a task (the host resumes it; "
+                  .. "so.join waits for it)" }, { coroutine.resume(th, "forged") })
+    assert.has_error(function() coroutine.close(th) end, "cannot close a task")
+    assert.equal("suspended", coroutine.status(th))
+    -- the task still waits for a real connection
     local h, p = l:sockname()
     local c = assert(so.connect(h, p))
-    local s = assert(l:accept())
+    local ok, s = so.join(t, 1)
+    assert.is_true(ok)
     s:close()
     c:close()
     l:close()
+    -- the script's own coroutines are untouched
+    local co = coroutine.create(function(x) return x * 2 end)
+    assert.same({ true, 42 }, { coroutine.resume(co, 21) })
+    assert.is_true(coroutine.close(co))
+    assert.has_error(function() coroutine.resume(1) end,
+                     "bad argument #1 to 'resume' (coroutine expected, got number)")
   end)
 
-  it("survives a coroutine.close of a waiting task", function()
-    local th
-    local l = assert(so.listen("127.0.0.1", 0))
-    local h, p = l:sockname()
-    local t = so.spawn(function()
-      th = coroutine.running()
-      return l:accept()
+  it("spawns with many arguments, and joins many results", function()
+    local args = {}
+    for i = 1, 300 do args[i] = i end
+    local t = so.spawn(function(...)
+      so.sleep(0)
+      return ...
+    end, table.unpack(args))
+    local r = table.pack(so.join(t))  -- joined while it runs
+    assert.equal(301, r.n)
+    assert.equal(300, r[301])
+    local big = so.spawn(function()
+      local many = {}
+      for i = 1, 5000 do many[i] = i end
+      return table.unpack(many)
     end)
-    assert.is_true(coroutine.close(th))
-    local c = assert(so.connect(h, p))
-    local ok = so.join(t, 1)
-    assert.is_false(ok)
-    c:close()
-    l:close()
+    r = table.pack(so.join(big))  -- joined when it has ended
+    assert.equal(5001, r.n)
+    assert.equal(5000, r[5001])
+  end)
+
+  it("spawns a chain of 1,000 tasks that spawn before they wait", function()
+    local depth = 0
+    local function chain(n)
+      depth = math.max(depth, n)
+      if n < 1000 then so.spawn(chain, n + 1) end
+      so.sleep(0)
+    end
+    so.join(so.spawn(chain, 1))
+    assert.is_true(helper.wait_until(function() return depth == 1000 end))
+  end)
+
+  it("keeps the error value as raised, whatever it is", function()
+    local E = setmetatable({}, { __tostring = function() return nil end })
+    local B = setmetatable({}, { __tostring = function() error("bad tostring") end })
+    for _, v in ipairs({ 42, E, B }) do
+      local t = so.spawn(function() so.sleep(0); error(v) end)
+      local ok, err = so.join(t)
+      assert.is_false(ok)
+      assert.equal(v, err)
+    end
   end)
 
   it("lets a script use its own coroutines inside a task", function()
@@ -191,6 +224,20 @@ describe("so.sleep and so.now", function()
 end)
 
 describe("a failing task in a script", function()
+  it("reports an error raised by a <close> variable as it unwinds", function()
+    local code, _, err = luahost([[
+      local so = require "so"
+      so.spawn(function()
+        local _ <close> = setmetatable({}, { __close = function() error("in close") end })
+        so.sleep(0)
+        error("first")
+      end)
+    ]])
+    assert.equal(0, code)
+    assert.matches("luahost: [^\n]*: first\nstack traceback:", err)
+    assert.matches("luahost: error in a <close> variable: [^\n]*: in close", err)
+  end)
+
   it("is printed with its traceback and affects no other task", function()
     local code, out, err = luahost([[
       local so = require "so"
