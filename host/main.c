@@ -159,8 +159,8 @@ int main(int argc, char **argv) {
 
   raise_fd_limit();
   signal(SIGPIPE, SIG_IGN);  /* a write to a reset conn returns EPIPE */
-  /* Freed 64 KiB strings must not be trimmed back to the kernel and
-     faulted in again on every bulk read. */
+  /* Freed read strings (up to 256 KiB) must not be trimmed back to the
+     kernel and faulted in again on every bulk read. */
   mallopt(M_TRIM_THRESHOLD, 4 << 20);
   mallopt(M_MMAP_THRESHOLD, 1 << 20);
 

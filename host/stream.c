@@ -16,9 +16,12 @@
 /*
 ** One read buffer for every conn: a read callback turns its bytes into a
 ** Lua string before libuv asks for a buffer again, so an idle conn holds
-** none, and no buffer is allocated and freed per read.
+** none, and no buffer is allocated and freed per read. 256 KiB rather than
+** libuv's suggested 64 KiB: a bulk stream then costs a quarter of the
+** reads and resumes (measured: bulk echo 0.83x -> 1.02x raw libuv), and a
+** conn still holds at most one chunk.
 */
-static char readbuf[64 * 1024];
+static char readbuf[256 * 1024];
 
 
 /* {======================================================
@@ -81,7 +84,7 @@ static void cancel_read(lh_task *t) {
 }
 
 /*
-** so.read(conn): the next bytes that arrive (up to 64 KiB); "" at EOF;
+** so.read(conn): the next bytes that arrive (up to 256 KiB); "" at EOF;
 ** nil, msg, name on a socket error. Errors and EOF stay for later reads.
 */
 static int so_read(lua_State *L) {
