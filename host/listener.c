@@ -7,7 +7,6 @@
 ** loop's backpressure; and the listener is unref'd, so a script whose
 ** only pending thing is an unused listener still ends.
 */
-#include <stdio.h>
 #include <string.h>
 
 #include "luahost.h"
@@ -95,14 +94,7 @@ static int so_listen(lua_State *L) {
   luaL_argcheck(L, backlog > 0 && backlog <= 65535, 3, "backlog out of range");
   if (lh_parseaddr(host, (int)port, &ss) != 0) {
     uv_getaddrinfo_t req;
-    struct addrinfo hints;
-    char service[16];
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE;
-    snprintf(service, sizeof service, "%d", (int)port);
-    err = uv_getaddrinfo(lh_H.loop, &req, NULL, host, service, &hints);
+    err = lh_getaddrinfo(&req, NULL, host, (int)port, AI_PASSIVE);
     if (err < 0)
       return lh_pusherror(L, err);
     memcpy(&ss, req.addrinfo->ai_addr, req.addrinfo->ai_addrlen);

@@ -112,6 +112,7 @@ void lh_wait_end(lh_task *t);
 void lh_guard_coroutines(lua_State *L);
 void lh_resume(lh_task *t, int nargs);
 void lh_wake(lh_task *t, int nargs);
+void lh_resume_status(lh_task *t, int status);
 int lh_spawn_main(lua_State *L, int nargs);
 int64_t lh_checktimeout(lua_State *L, int arg);
 void lh_task_open(lua_State *L);
@@ -125,6 +126,8 @@ void lh_sock_close(lua_State *L, int idx);
 void lh_sock_open(lua_State *L);
 int lh_parseaddr(const char *host, int port, struct sockaddr_storage *ss);
 int lh_pushaddr(lua_State *L, const struct sockaddr_storage *ss);
+int lh_getaddrinfo(uv_getaddrinfo_t *req, uv_getaddrinfo_cb cb,
+                   const char *host, int port, int flags);
 
 /* stream.c, listener.c */
 void lh_stream_open(lua_State *L);

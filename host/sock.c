@@ -8,6 +8,7 @@
 ** memory. libuv calls back every pending request before the close
 ** callback, so the memory outlives everything that may touch it.
 */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -207,6 +208,22 @@ int lh_parseaddr(const char *host, int port, struct sockaddr_storage *ss) {
   if (uv_ip6_addr(host, port, (struct sockaddr_in6 *)ss) == 0)
     return 0;
   return UV_EINVAL;
+}
+
+/*
+** Resolves host:port for a TCP socket (flags: AI_PASSIVE, AI_ADDRCONFIG);
+** with cb NULL, at once (blocking), as uv_getaddrinfo does.
+*/
+int lh_getaddrinfo(uv_getaddrinfo_t *req, uv_getaddrinfo_cb cb,
+                   const char *host, int port, int flags) {
+  struct addrinfo hints;
+  char service[16];
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = flags;
+  snprintf(service, sizeof service, "%d", port);
+  return uv_getaddrinfo(lh_H.loop, req, cb, host, service, &hints);
 }
 
 /* Pushes host, port for ss. */

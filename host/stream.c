@@ -131,16 +131,8 @@ static void on_write(uv_write_t *r, int status) {
   }
   luaL_unref(lh_H.L, LUA_REGISTRYINDEX, req->data_ref);
   free(req);
-  if (t == NULL)
-    return;
-  if (status < 0) {
-    lua_pushnil(t->co);
-    lh_pusherror_values(t->co, status);
-    lh_resume(t, 3);  /* nil, msg, name */
-  } else {
-    lua_pushboolean(t->co, 1);
-    lh_resume(t, 1);
-  }
+  if (t != NULL)
+    lh_resume_status(t, status);
 }
 
 static void cancel_write(lh_task *t) {
@@ -269,16 +261,8 @@ static void on_shutdown(uv_shutdown_t *r, int status) {
   shutdown_req *req = (shutdown_req *)r;
   lh_task *t = req->task;
   free(req);
-  if (t == NULL || lh_H.L == NULL)
-    return;
-  if (status < 0) {
-    lua_pushnil(t->co);
-    lh_pusherror_values(t->co, status);
-    lh_resume(t, 3);
-  } else {
-    lua_pushboolean(t->co, 1);
-    lh_resume(t, 1);
-  }
+  if (t != NULL && lh_H.L != NULL)
+    lh_resume_status(t, status);
 }
 
 static void cancel_shutdown(lh_task *t) {
@@ -334,14 +318,7 @@ static void connect_free(connect_req *req) {
 static void connect_done(connect_req *req, int err) {
   lh_task *t = req->task;
   connect_free(req);
-  if (err < 0) {
-    lua_pushnil(t->co);
-    lh_pusherror_values(t->co, err);
-    lh_resume(t, 3);
-  } else {
-    lua_pushboolean(t->co, 1);
-    lh_resume(t, 1);
-  }
+  lh_resume_status(t, err);
 }
 
 static void on_connect(uv_connect_t *r, int status);
@@ -462,17 +439,9 @@ static int so_connect(lua_State *L) {
   if (lh_parseaddr(host, (int)port, &ss) == 0) {
     err = uv_tcp_connect(&req->connect, &req->conn->s->tcp,
                          (struct sockaddr *)&ss, on_connect);
-  } else {
-    struct addrinfo hints;
-    char service[16];
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_ADDRCONFIG;
-    snprintf(service, sizeof service, "%d", (int)port);
-    err = uv_getaddrinfo(lh_H.loop, &req->resolve, on_resolved, host,
-                         service, &hints);
-  }
+  } else
+    err = lh_getaddrinfo(&req->resolve, on_resolved, host, (int)port,
+                         AI_ADDRCONFIG);
   if (err < 0) {
     connect_free(req);
     lh_sock_close(L, conn);

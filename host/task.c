@@ -175,6 +175,20 @@ void lh_resume(lh_task *t, int nargs) {
     run(t, nargs, lh_H.L);
 }
 
+/*
+** Resumes a task with the outcome of a request: true, or nil, msg, name.
+*/
+void lh_resume_status(lh_task *t, int status) {
+  if (status < 0) {
+    lua_pushnil(t->co);
+    lh_pusherror_values(t->co, status);
+    lh_resume(t, 3);  /* nil, msg, name */
+  } else {
+    lua_pushboolean(t->co, 1);
+    lh_resume(t, 1);  /* true */
+  }
+}
+
 static void on_ready(uv_check_t *check) {
   lh_task *last = lh_H.ready_tail;
   (void)check;
