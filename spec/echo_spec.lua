@@ -106,9 +106,9 @@ describe("scripts/echo.lua arguments", function()
   end)
 
   it("defaults to 127.0.0.1:1234", function()
-    local code, out = helper.run("timeout --preserve-status -s INT 0.5 " .. helper.luahost
-                                 .. " scripts/echo.lua")
-    assert.equal(0, code)
+    local code, out, err = helper.run("timeout --preserve-status -s INT 0.5 "
+                                      .. helper.luahost .. " scripts/echo.lua")
+    assert.equal(0, code, err)  -- err says so if port 1234 is taken
     assert.equal("listening on 127.0.0.1:1234\n", out)
   end)
 end)
