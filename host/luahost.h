@@ -47,6 +47,17 @@ struct lh_task {
 enum { LH_TASK_RUNNING, LH_TASK_WAITING, LH_TASK_DONE, LH_TASK_FAILED };
 
 /*
+** A thread's LUA_EXTRASPACE: for a task's own thread, its lh_task; for a
+** script's coroutine that a task resumed, that task tagged LH_NESTED (and
+** LH_WAITING while the coroutine is suspended in a wait of the host's);
+** 0 for any other coroutine.
+*/
+#define LH_EXTRA(L) (*(uintptr_t *)lua_getextraspace(L))
+#define LH_NESTED ((uintptr_t)1)
+#define LH_WAITING ((uintptr_t)2)
+#define LH_EXTRA_TAGS (LH_NESTED | LH_WAITING)
+
+/*
 ** A TCP socket: a conn or a listener. C owns this memory; it is freed in
 ** the uv_close callback once the Lua userdata no longer points at it.
 */
@@ -87,6 +98,7 @@ typedef struct lh_host {
   uv_loop_t *loop;
   lua_State *L;           /* main state; NULL once closed */
   int depth;              /* resumes in progress (0: called from the loop) */
+  int nested_wait;        /* a coroutine inside a task yielded for a wait */
   int exit_status;        /* what main returns */
   lh_task *ready_head, *ready_tail;
   uv_check_t ready_check; /* runs queued tasks after each poll */
@@ -109,7 +121,7 @@ int lh_wait(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
 int lh_waitk(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
              int64_t timeout_ms, lua_KContext ctx, lua_KFunction k);
 void lh_wait_end(lh_task *t);
-void lh_guard_coroutines(lua_State *L);
+void lh_coro_open(lua_State *L);
 void lh_resume(lh_task *t, int nargs);
 void lh_wake(lh_task *t, int nargs);
 void lh_resume_status(lh_task *t, int status);

@@ -173,7 +173,7 @@ int main(int argc, char **argv) {
   lh_H.L = L;
   memset(lua_getextraspace(L), 0, LUA_EXTRASPACE);  /* not a task */
   luaL_openlibs(L);
-  lh_guard_coroutines(L);
+  lh_coro_open(L);
   set_path(L);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
   lua_pushcfunction(L, luaopen_so);

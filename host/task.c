@@ -28,25 +28,28 @@ static lh_task *main_task;
 static void run(lh_task *t, int nargs, lua_State *from);
 
 /*
-** The task a C function runs in, or NULL in a coroutine the host did not
-** start. New threads copy the main thread's extra space, which main.c
-** zeroes, so a script's own coroutines read as NULL.
+** The task whose own thread L is, or NULL. New threads copy the main
+** thread's extra space, which main.c zeroes, so a script's own coroutines
+** read as NULL here (coro.c tags them when a task resumes them).
 */
 lh_task *lh_task_current(lua_State *L) {
-  return *(lh_task **)lua_getextraspace(L);
+  uintptr_t x = LH_EXTRA(L);
+  return (x & LH_EXTRA_TAGS) ? NULL : (lh_task *)x;
 }
 
 /*
-** The task that calls a function that may wait, or an error: waiting is
-** only possible where the host can resume, i.e. directly in a task and not
-** across a C boundary (a metamethod, table.sort, a gsub callback) that
-** would refuse the yield after the wait was registered.
+** The task that calls a function that may wait, or an error. L is the
+** task's thread, or a script's coroutine that a task resumed (coro.c
+** passes its waits up). Waiting is only possible where the host can
+** resume: not across a C boundary (a metamethod, table.sort, a gsub
+** callback) that would refuse the yield after the wait was registered.
 */
 lh_task *lh_checktask_caller(lua_State *L, const char *what) {
-  lh_task *t = lh_task_current(L);
+  lh_task *t = (lh_task *)(LH_EXTRA(L) & ~LH_EXTRA_TAGS);
   if (t == NULL)
-    luaL_error(L, "%s: not in a task (call it from the script or from a "
-               "function started by so.spawn)", what);
+    luaL_error(L, "%s: not in a task (call it from the script, from a "
+               "function started by so.spawn, or from a coroutine one of "
+               "them resumes)", what);
   if (!lua_isyieldable(L))
     luaL_error(L, "%s: cannot wait across a C call boundary "
                "(metamethod, iterator or C function)", what);
@@ -104,6 +107,8 @@ int lh_waitk(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
   t->status = LH_TASK_WAITING;
   t->waiting_on = on;
   t->cancel = cancel;
+  if (L != t->co)
+    lh_H.nested_wait = 1;  /* coro.c passes the wait up to the task */
   if (timeout_ms >= 0) {
     if (t->timer == NULL) {
       t->timer = malloc(sizeof *t->timer);
@@ -513,49 +518,6 @@ static int task_gc(lua_State *L) {
     t->timer = NULL;
   }
   return 0;
-}
-
-/*
-** coroutine.resume and coroutine.close, refusing a task's thread (which a
-** script can reach with coroutine.running): only the host resumes a task,
-** with the results of what it waits for, and a task ends by returning or
-** raising, never half way through a wait that an object still records.
-*/
-static int guarded(lua_State *L, const char *what) {
-  lua_State *co = lua_tothread(L, 1);
-  luaL_argexpected(L, co, 1, "coroutine");
-  if (lh_task_current(co) != NULL) {
-    if (*what == 'r') {  /* resume: fail as for a coroutine not suspended */
-      lua_pushboolean(L, 0);
-      lua_pushliteral(L, "cannot resume a task (the host resumes it; "
-                      "so.join waits for it)");
-      return 2;
-    }
-    return luaL_error(L, "cannot close a task");
-  }
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, 1);
-  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-  return lua_gettop(L);
-}
-
-static int guarded_resume(lua_State *L) {
-  return guarded(L, "resume");
-}
-
-static int guarded_close(lua_State *L) {
-  return guarded(L, "close");
-}
-
-void lh_guard_coroutines(lua_State *L) {
-  lua_getglobal(L, "coroutine");
-  lua_getfield(L, -1, "resume");
-  lua_pushcclosure(L, guarded_resume, 1);
-  lua_setfield(L, -2, "resume");
-  lua_getfield(L, -1, "close");
-  lua_pushcclosure(L, guarded_close, 1);
-  lua_setfield(L, -2, "close");
-  lua_pop(L, 1);
 }
 
 static const luaL_Reg task_funcs[] = {

@@ -169,6 +169,71 @@ describe("so.spawn", function()
     end
   end)
 
+  it("lets a script's coroutines wait inside a task (coroutine.wrap iterators)",
+     function()
+    local l = assert(so.listen("127.0.0.1", 0))
+    local h, p = l:sockname()
+    local writer = so.spawn(function()
+      local c <close> = l:accept()
+      for i = 1, 3 do c:write("line" .. i .. "\n"); so.sleep(0.01) end
+    end)
+    local c <close> = assert(so.connect(h, p))
+    local function lines(conn)
+      return coroutine.wrap(function()
+        local buf = ""
+        while true do
+          local d = assert(conn:read())
+          if d == "" then return end
+          buf = buf .. d
+          for line in buf:gmatch("([^\n]*)\n") do coroutine.yield(line) end
+          buf = buf:match("[^\n]*$")
+        end
+      end)
+    end
+    local got = {}
+    for line in lines(c) do got[#got + 1] = line end
+    assert.same({ "line1", "line2", "line3" }, got)
+    helper.join(writer)
+    l:close()
+    -- two levels deep, with coroutine.resume, and a timeout on the way
+    local inner = coroutine.create(function()
+      local ok, msg, name = so.join(so.spawn(function() so.sleep(1) end), 0.01)
+      coroutine.yield(name)
+      so.sleep(0.01)
+      return "done"
+    end)
+    local outer = coroutine.wrap(function()
+      local _, a = coroutine.resume(inner)
+      local _, b = coroutine.resume(inner)
+      return a, b
+    end)
+    assert.same({ "ETIMEDOUT", "done" }, { outer() })
+  end)
+
+  it("refuses to resume a coroutine that waits in the host", function()
+    local co
+    co = coroutine.create(function() so.sleep(0.05) end)
+    local t = so.spawn(function() coroutine.resume(co) end)
+    assert.same({ false, "cannot resume a coroutine that waits in the host" },
+                { coroutine.resume(co) })
+    assert.has_error(function() coroutine.close(co) end,
+                     "cannot close a coroutine that waits in the host")
+    so.join(t)
+    assert.equal("dead", coroutine.status(co))
+  end)
+
+  it("keeps coroutine.wrap's errors as Lua gives them", function()
+    assert.same({ false, "boom" },
+                { pcall(coroutine.wrap(function() error("boom", 0) end)) })
+    local done = coroutine.wrap(function() end)
+    done()
+    assert.same({ false, "cannot resume dead coroutine" }, { pcall(done) })
+    local E = {}
+    assert.same({ false, E }, { pcall(coroutine.wrap(function() error(E) end)) })
+    assert.has_error(function() coroutine.wrap(1) end,
+                     "bad argument #1 to 'wrap' (function expected, got number)")
+  end)
+
   it("lets a script use its own coroutines inside a task", function()
     local gen = coroutine.wrap(function()
       for i = 1, 3 do coroutine.yield(i) end

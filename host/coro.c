@@ -1,0 +1,160 @@
+/*
+** coro.c: coroutine.resume, coroutine.wrap and coroutine.close, made to
+** live with tasks.
+**
+** A script's own coroutines may wait for the network when a task resumes
+** them (an iterator built with coroutine.wrap that reads a conn, as
+** OpenResty allows): the wait registers the task, the coroutine yields,
+** and resume, seeing the host's wait, yields its caller in turn, up to the
+** task's thread. When the wait completes, the host resumes the task, and
+** each resume on the way down hands the results to the coroutine below.
+**
+** A task's own thread is never resumed or closed by a script (a script
+** reaches it with coroutine.running): only the host resumes a task, with
+** the results of what it waits for.
+*/
+#include "luahost.h"
+
+static int resume(lua_State *L, lua_State *co, int nargs, int wrap);
+
+/*
+** Refuses what a script must not resume or close: a task's own thread, or
+** a coroutine suspended in a wait of the host's (its task will resume it).
+*/
+static lua_State *checkco(lua_State *L, lua_State *co, const char *what) {
+  uintptr_t x = LH_EXTRA(co);
+  if (lh_task_current(co) != NULL)
+    luaL_error(L, "cannot %s a task%s", what, *what == 'r'
+               ? " (the host resumes it; so.join waits for it)" : "");
+  if (x & LH_WAITING)
+    luaL_error(L, "cannot %s a coroutine that waits in the host", what);
+  return co;
+}
+
+/* After a wait passed up from co: hand its results down, resume again. */
+static int k_resume(lua_State *L, int status, lua_KContext ctx) {
+  int wrap = (int)(ctx & 1), base = (int)(ctx >> 1);
+  lua_State *co = lua_tothread(L, wrap ? lua_upvalueindex(1) : 1);
+  (void)status;
+  LH_EXTRA(co) &= ~LH_WAITING;
+  return resume(L, co, lua_gettop(L) - base, wrap);
+}
+
+/*
+** Resumes co with the nargs values on top of L, as lcorolib's auxresume
+** does, and returns what coroutine.resume (or a wrap function) returns.
+*/
+static int resume(lua_State *L, lua_State *co, int nargs, int wrap) {
+  uintptr_t mine = LH_EXTRA(L) & ~LH_EXTRA_TAGS;
+  int status, nres;
+  if (!lua_checkstack(co, nargs)) {
+    lua_pushliteral(L, "too many arguments to resume");
+    status = LUA_ERRRUN;
+    goto failed;
+  }
+  lua_xmove(L, co, nargs);
+  /* Inside a task, and able to pass a yield up: co may wait too. */
+  LH_EXTRA(co) = (mine != 0 && lua_isyieldable(L)) ? (mine | LH_NESTED) : 0;
+  lh_H.nested_wait = 0;
+  status = lua_resume(co, L, nargs, &nres);
+  if (status == LUA_YIELD && lh_H.nested_wait) {  /* a wait of the host's */
+    lua_pop(co, nres);
+    LH_EXTRA(co) |= LH_WAITING;
+    lh_H.nested_wait = (LH_EXTRA(L) & LH_NESTED) != 0;  /* up again? */
+    return lua_yieldk(L, 0, (lua_KContext)lua_gettop(L) << 1 | wrap,
+                      k_resume);
+  }
+  LH_EXTRA(co) = 0;  /* whoever resumes it next says what it is */
+  if (status == LUA_OK || status == LUA_YIELD) {
+    if (!lua_checkstack(L, nres + 1)) {
+      lua_pop(co, nres);
+      return luaL_error(L, "too many results to resume");
+    }
+    lua_xmove(co, L, nres);
+    if (wrap)
+      return nres;
+    lua_pushboolean(L, 1);
+    lua_insert(L, -(nres + 1));
+    return nres + 1;  /* true, results... */
+  }
+  lua_xmove(co, L, 1);  /* the error */
+failed:
+  if (!wrap) {
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+    return 2;  /* false, error */
+  }
+  /* As lcorolib's auxwrap: close a coroutine that failed, and add the
+     position to a string error. */
+  if (lua_status(co) != LUA_OK && lua_status(co) != LUA_YIELD) {
+#if LUA_VERSION_NUM >= 504 && LUA_VERSION_RELEASE_NUM >= 50406
+    status = lua_closethread(co, L);
+#else
+    status = lua_resetthread(co);
+#endif
+    lua_pop(L, 1);
+    lua_xmove(co, L, 1);  /* the error after closing */
+  }
+  if (status != LUA_ERRMEM && lua_type(L, -1) == LUA_TSTRING) {
+    luaL_where(L, 1);
+    lua_insert(L, -2);
+    lua_concat(L, 2);
+  }
+  return lua_error(L);
+}
+
+static int co_resume(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  luaL_argexpected(L, co, 1, "coroutine");
+  if (lh_task_current(co) != NULL || (LH_EXTRA(co) & LH_WAITING)) {
+    lua_pushboolean(L, 0);  /* fail as for a coroutine not suspended */
+    lua_pushstring(L, lh_task_current(co) != NULL
+                   ? "cannot resume a task (the host resumes it; so.join "
+                     "waits for it)"
+                   : "cannot resume a coroutine that waits in the host");
+    return 2;
+  }
+  return resume(L, co, lua_gettop(L) - 1, 0);
+}
+
+static int co_wrapped(lua_State *L) {
+  lua_State *co = lua_tothread(L, lua_upvalueindex(1));
+  checkco(L, co, "resume");
+  return resume(L, co, lua_gettop(L), 1);
+}
+
+static int co_wrap(lua_State *L) {
+  lua_State *co;
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  co = lua_newthread(L);
+  lua_pushvalue(L, 1);
+  lua_xmove(L, co, 1);  /* the body */
+  lua_pushcclosure(L, co_wrapped, 1);
+  return 1;
+}
+
+/* coroutine.close, refusing a task or a coroutine in a host wait. */
+static int co_close(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  luaL_argexpected(L, co, 1, "coroutine");
+  checkco(L, co, "close");
+  lua_pushvalue(L, lua_upvalueindex(1));  /* the original close */
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/*
+** Replaces coroutine.resume, coroutine.wrap and coroutine.close.
+*/
+void lh_coro_open(lua_State *L) {
+  lua_getglobal(L, "coroutine");
+  lua_pushcfunction(L, co_resume);
+  lua_setfield(L, -2, "resume");
+  lua_pushcfunction(L, co_wrap);
+  lua_setfield(L, -2, "wrap");
+  lua_getfield(L, -1, "close");
+  lua_pushcclosure(L, co_close, 1);
+  lua_setfield(L, -2, "close");
+  lua_pop(L, 1);
+}
