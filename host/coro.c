@@ -17,6 +17,25 @@
 
 static int resume(lua_State *L, lua_State *co, int nargs, int wrap);
 
+enum { CO_RUNNING, CO_SUSPENDED, CO_NORMAL, CO_DEAD };
+
+/* What coroutine.status says of co, seen from L (lcorolib's auxstatus). */
+static int costatus(lua_State *L, lua_State *co) {
+  lua_Debug ar;
+  if (L == co)
+    return CO_RUNNING;
+  switch (lua_status(co)) {
+    case LUA_YIELD:
+      return CO_SUSPENDED;
+    case LUA_OK:
+      if (lua_getstack(co, 0, &ar))
+        return CO_NORMAL;  /* it resumed another coroutine */
+      return lua_gettop(co) == 0 ? CO_DEAD : CO_SUSPENDED;  /* not started */
+    default:
+      return CO_DEAD;  /* it failed */
+  }
+}
+
 /*
 ** Refuses what a script must not resume or close: a task's own thread, or
 ** a coroutine suspended in a wait of the host's (its task will resume it).
@@ -46,6 +65,9 @@ static int k_resume(lua_State *L, int status, lua_KContext ctx) {
 */
 static int resume(lua_State *L, lua_State *co, int nargs, int wrap) {
   uintptr_t mine = LH_EXTRA(L) & ~LH_EXTRA_TAGS;
+  /* Only a suspended coroutine is retagged: a running or normal one (this
+     very chain of resumes) keeps its tag, and lua_resume refuses it. */
+  int suspended = costatus(L, co) == CO_SUSPENDED;
   int status, nres;
   if (!lua_checkstack(co, nargs)) {
     lua_pushliteral(L, "too many arguments to resume");
@@ -54,7 +76,8 @@ static int resume(lua_State *L, lua_State *co, int nargs, int wrap) {
   }
   lua_xmove(L, co, nargs);
   /* Inside a task, and able to pass a yield up: co may wait too. */
-  LH_EXTRA(co) = (mine != 0 && lua_isyieldable(L)) ? (mine | LH_NESTED) : 0;
+  if (suspended)
+    LH_EXTRA(co) = (mine != 0 && lua_isyieldable(L)) ? (mine | LH_NESTED) : 0;
   lh_H.nested_wait = 0;
   status = lua_resume(co, L, nargs, &nres);
   if (status == LUA_YIELD && lh_H.nested_wait) {  /* a wait of the host's */
@@ -64,11 +87,14 @@ static int resume(lua_State *L, lua_State *co, int nargs, int wrap) {
     return lua_yieldk(L, 0, (lua_KContext)lua_gettop(L) << 1 | wrap,
                       k_resume);
   }
-  LH_EXTRA(co) = 0;  /* whoever resumes it next says what it is */
+  if (suspended)
+    LH_EXTRA(co) = 0;  /* whoever resumes it next says what it is */
   if (status == LUA_OK || status == LUA_YIELD) {
     if (!lua_checkstack(L, nres + 1)) {
       lua_pop(co, nres);
-      return luaL_error(L, "too many results to resume");
+      lua_pushliteral(L, "too many results to resume");
+      status = LUA_ERRRUN;
+      goto failed;
     }
     lua_xmove(co, L, nres);
     if (wrap)
@@ -105,7 +131,7 @@ failed:
 
 static int co_resume(lua_State *L) {
   lua_State *co = lua_tothread(L, 1);
-  luaL_argexpected(L, co, 1, "coroutine");
+  luaL_argexpected(L, co, 1, "thread");
   if (lh_task_current(co) != NULL || (LH_EXTRA(co) & LH_WAITING)) {
     lua_pushboolean(L, 0);  /* fail as for a coroutine not suspended */
     lua_pushstring(L, lh_task_current(co) != NULL
@@ -133,15 +159,32 @@ static int co_wrap(lua_State *L) {
   return 1;
 }
 
-/* coroutine.close, refusing a task or a coroutine in a host wait. */
+/*
+** coroutine.close, as lcorolib's, refusing a task or a coroutine in a
+** host wait.
+*/
 static int co_close(lua_State *L) {
+  static const char *const names[] = {"running", "suspended", "normal",
+                                      "dead"};
   lua_State *co = lua_tothread(L, 1);
-  luaL_argexpected(L, co, 1, "coroutine");
+  int status;
+  luaL_argexpected(L, co, 1, "thread");
   checkco(L, co, "close");
-  lua_pushvalue(L, lua_upvalueindex(1));  /* the original close */
-  lua_insert(L, 1);
-  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-  return lua_gettop(L);
+  status = costatus(L, co);
+  if (status != CO_SUSPENDED && status != CO_DEAD)
+    return luaL_error(L, "cannot close a %s coroutine", names[status]);
+#if LUA_VERSION_NUM >= 504 && LUA_VERSION_RELEASE_NUM >= 50406
+  status = lua_closethread(co, L);
+#else
+  status = lua_resetthread(co);
+#endif
+  if (status == LUA_OK) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_xmove(co, L, 1);  /* the error */
+  return 2;
 }
 
 /*
@@ -153,8 +196,7 @@ void lh_coro_open(lua_State *L) {
   lua_setfield(L, -2, "resume");
   lua_pushcfunction(L, co_wrap);
   lua_setfield(L, -2, "wrap");
-  lua_getfield(L, -1, "close");
-  lua_pushcclosure(L, co_close, 1);
+  lua_pushcfunction(L, co_close);
   lua_setfield(L, -2, "close");
   lua_pop(L, 1);
 }

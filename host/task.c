@@ -311,8 +311,14 @@ static void release(lh_task *t) {
     main_task = NULL;
 }
 
-static void finish(lh_task *t, int status, int nres, lua_State *L) {
+static void finish(lua_State *L, lh_task *t, int status, int nres) {
   lua_State *co = t->co;
+  /* A task ends running, never registered with something it waits on;
+     should a bug ever break that, the object must forget it here, or it
+     would point at a task about to be collected. */
+  if (t->cancel != NULL)
+    t->cancel(t);
+  lh_wait_end(t);
   if (status == LUA_OK) {
     t->status = LH_TASK_DONE;
     t->nargs = nres;
@@ -359,7 +365,7 @@ static void run(lh_task *t, int nargs, lua_State *from) {
     if (t->status != LH_TASK_WAITING)  /* a plain coroutine.yield */
       ready_push(t, 0);
   } else
-    finish(t, status, nres, lh_H.L);
+    finish(lh_H.L, t, status, nres);
 }
 
 /*

@@ -124,7 +124,7 @@ describe("so.spawn", function()
     assert.same({ true, 42 }, { coroutine.resume(co, 21) })
     assert.is_true(coroutine.close(co))
     assert.has_error(function() coroutine.resume(1) end,
-                     "bad argument #1 to 'resume' (coroutine expected, got number)")
+                     "bad argument #1 to 'resume' (thread expected, got number)")
   end)
 
   it("spawns with many arguments, and joins many results", function()
@@ -208,6 +208,29 @@ describe("so.spawn", function()
       return a, b
     end)
     assert.same({ "ETIMEDOUT", "done" }, { outer() })
+  end)
+
+  it("passes a wait up even after a failed resume of a coroutine in the chain",
+     function()
+    local l = assert(so.listen("127.0.0.1", 0))
+    local h, p = l:sockname()
+    local writer = so.spawn(function()
+      local c <close> = l:accept()
+      so.sleep(0.05)
+      c:write("hello")
+    end)
+    local conn <close> = assert(so.connect(h, p))
+    local co0, co1
+    co1 = coroutine.create(function()
+      -- co0 is running this chain: the resume fails, and must not untag it
+      assert.same({ false, "cannot resume non-suspended coroutine" },
+                  { coroutine.resume(co0) })
+      return so.read(conn)
+    end)
+    co0 = coroutine.create(function() return coroutine.resume(co1) end)
+    assert.same({ true, true, "hello" }, { coroutine.resume(co0) })
+    helper.join(writer)
+    l:close()
   end)
 
   it("refuses to resume a coroutine that waits in the host", function()
