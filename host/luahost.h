@@ -121,13 +121,15 @@ int lh_wait(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
 int lh_waitk(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
              int64_t timeout_ms, lua_KContext ctx, lua_KFunction k);
 void lh_wait_end(lh_task *t);
-void lh_coro_open(lua_State *L);
 void lh_resume(lh_task *t, int nargs);
 void lh_wake(lh_task *t, int nargs);
 void lh_resume_status(lh_task *t, int status);
 int lh_spawn_main(lua_State *L, int nargs);
 int64_t lh_checktimeout(lua_State *L, int arg);
 void lh_task_open(lua_State *L);
+
+/* coro.c */
+void lh_coro_open(lua_State *L);
 
 /* sock.c */
 void *lh_checkobj(lua_State *L, int arg, uint64_t tag, const char *tname);
