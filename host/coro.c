@@ -78,13 +78,22 @@ static int resume(lua_State *L, lua_State *co, int nargs, int wrap) {
   /* Inside a task, and able to pass a yield up: co may wait too. */
   if (suspended)
     LH_EXTRA(co) = (mine != 0 && lua_isyieldable(L)) ? (mine | LH_NESTED) : 0;
-  lh_H.nested_wait = 0;
   status = lua_resume(co, L, nargs, &nres);
-  if (status == LUA_YIELD && lh_H.nested_wait) {  /* a wait of the host's */
-    lua_pop(co, nres);
+  if (status == LUA_YIELD && lh_yieldkind(co, nres) != LH_YIELD_PLAIN) {
+    /* A yield of the host's: co is tagged, so L could yield when it
+       resumed co, and still can. */
+    if (lh_yieldkind(co, nres) == LH_YIELD_CANCEL) {
+      /* The task is being cancelled: close co (its <close> variables run,
+         innermost first), and go on unwinding up to the task. */
+      lua_pop(co, nres);
+      LH_EXTRA(co) = 0;
+      if (lh_closethread(co, L) != LUA_OK)
+        lua_pop(co, 1);  /* an error of a <close> handler: the task ends */
+      return lh_unwind(L);
+    }
     LH_EXTRA(co) |= LH_WAITING;
-    lh_H.nested_wait = (LH_EXTRA(L) & LH_NESTED) != 0;  /* up again? */
-    return lua_yieldk(L, 0, (lua_KContext)lua_gettop(L) << 1 | wrap,
+    lua_xmove(co, L, 1);  /* the marker: pass the wait up */
+    return lua_yieldk(L, 1, (lua_KContext)(lua_gettop(L) - 1) << 1 | wrap,
                       k_resume);
   }
   if (suspended)
@@ -113,11 +122,7 @@ failed:
   /* As lcorolib's auxwrap: close a coroutine that failed, and add the
      position to a string error. */
   if (lua_status(co) != LUA_OK && lua_status(co) != LUA_YIELD) {
-#if LUA_VERSION_NUM >= 504 && LUA_VERSION_RELEASE_NUM >= 50406
-    status = lua_closethread(co, L);
-#else
-    status = lua_resetthread(co);
-#endif
+    status = lh_closethread(co, L);
     lua_pop(L, 1);
     lua_xmove(co, L, 1);  /* the error after closing */
   }
@@ -173,11 +178,7 @@ static int co_close(lua_State *L) {
   status = costatus(L, co);
   if (status != CO_SUSPENDED && status != CO_DEAD)
     return luaL_error(L, "cannot close a %s coroutine", names[status]);
-#if LUA_VERSION_NUM >= 504 && LUA_VERSION_RELEASE_NUM >= 50406
-  status = lua_closethread(co, L);
-#else
-  status = lua_resetthread(co);
-#endif
+  status = lh_closethread(co, L);
   if (status == LUA_OK) {
     lua_pushboolean(L, 1);
     return 1;

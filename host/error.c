@@ -7,9 +7,16 @@
 #include "luahost.h"
 
 /*
-** Pushes the two error values ("NAME: message", "NAME") for libuv's err.
+** Pushes the two error values ("NAME: message", "NAME") for libuv's err,
+** or for the host's own LH_ETIMEDOUT (a timeout with no connection in it,
+** where libuv's "connection timed out" would mislead).
 */
 void lh_pusherror_values(lua_State *L, int err) {
+  if (err == LH_ETIMEDOUT) {
+    lua_pushliteral(L, "ETIMEDOUT: timed out");
+    lua_pushliteral(L, "ETIMEDOUT");
+    return;
+  }
   lua_pushfstring(L, "%s: %s", uv_err_name(err), uv_strerror(err));
   lua_pushstring(L, uv_err_name(err));
 }

@@ -27,9 +27,14 @@ static int accept_conn(lua_State *L, lh_sock *l) {
   return 1;  /* the conn */
 }
 
+static int accept_protected(lua_State *L) {
+  return accept_conn(L, lua_touserdata(L, 1));
+}
+
 static void on_connection(uv_stream_t *server, int status) {
   lh_sock *l = (lh_sock *)server;
   lh_task *t;
+  int n;
   /* An error (EMFILE, ENFILE, ENOBUFS) has no connection behind it: libuv
      has already drained the backlog with its spare descriptor, so there is
      nothing to retry here and nothing to busy-loop on. */
@@ -45,11 +50,17 @@ static void on_connection(uv_stream_t *server, int status) {
     l->acceptors_tail = &l->acceptors;
     uv_unref((uv_handle_t *)&l->tcp);
   }
-  lh_resume(t, accept_conn(t->co, l));
+  /* Out of memory for the conn's userdata, the task gets ENOMEM and the
+     connection stays with libuv for the next accept. */
+  n = lh_pushprotected(t->co, accept_protected, l);
+  if (n < 0)
+    lh_resume_err(t, UV_ENOMEM);
+  else
+    lh_resume(t, n);
 }
 
 static void cancel_accept(lh_task *t) {
-  lh_sock *l = t->waiting_on;
+  lh_sock *l = t->wait.on;
   lh_task **p = &l->acceptors;
   while (*p != NULL && *p != t)
     p = &(*p)->next;
@@ -63,6 +74,9 @@ static void cancel_accept(lh_task *t) {
     uv_unref((uv_handle_t *)&l->tcp);
 }
 
+static const lh_waitkind accept_kind = {"accept", cancel_accept, NULL,
+                                        LH_WAIT_NET};
+
 /*
 ** so.accept(listener): the next connection, as a conn; waits for one.
 */
@@ -75,7 +89,7 @@ static int so_accept(lua_State *L) {
   *l->acceptors_tail = t;
   l->acceptors_tail = &t->next;
   uv_ref((uv_handle_t *)&l->tcp);
-  return lh_wait(L, t, l, cancel_accept, l->timeout);
+  return lh_wait(L, t, &accept_kind, l, l->timeout);
 }
 
 /*

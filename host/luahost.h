@@ -2,8 +2,13 @@
 ** luahost.h: what the host's C files share.
 **
 ** The host runs Lua coroutines ("tasks") on one libuv loop. A task that
-** waits for the network yields; the libuv callback that completes the wait
-** pushes the results onto the task's stack and resumes it from the loop.
+** waits for the network records what it waits on in its wait record and
+** yields the host's private marker; the libuv callback that completes the
+** wait leaves the results on the task's stack and resumes it from the loop.
+**
+** Files depend on each other in one direction only:
+**   main.c -> so.c -> task.c, channel.c, stream.c, listener.c
+**          -> sock.c -> sched.c, coro.c -> aux.c, error.c
 */
 #ifndef LUAHOST_H
 #define LUAHOST_H
@@ -14,37 +19,85 @@
 #include <lauxlib.h>
 #include <uv.h>
 
-#define LUAHOST_VERSION "luahost 0.1.0"
+#define LUAHOST_VERSION "luahost 0.2.0"
 
 /* Nested resumes so.spawn makes before it queues new tasks instead. */
 #define LH_MAX_NESTED_SPAWNS 64
 
 /*
-** A task: a Lua thread run by the scheduler. The struct lives in a full
-** userdata (the task handle scripts see); its first user value is the
-** thread. The thread's LUA_EXTRASPACE points back here, so a C function
-** finds the task it runs in without a lookup.
+** A host error code outside libuv's range: a timeout that involves no
+** connection (so.join, a channel, so.first), "ETIMEDOUT: timed out".
 */
+#define LH_ETIMEDOUT (-100001)
+
 typedef struct lh_task lh_task;
 
-/* Undoes a wait's registration when the wait ends early (timeout). */
-typedef void (*lh_cancel_fn)(lh_task *t);
+/*
+** What a kind of wait is; one static instance per kind (read, accept,
+** sleep, join, ...), shared by every wait of that kind.
+*/
+typedef struct lh_waitkind {
+  const char *name;            /* what so.tasks will show: "read", ... */
+  void (*cancel)(lh_task *t);  /* the object forgets t; NULL: nothing to undo */
+  /* After the wait ended normally, on the waiting thread, with the results
+     above base: what the waiting function returns (NULL: the results). */
+  int (*after)(lua_State *L, int base);
+  unsigned flags;              /* LH_WAIT_* */
+} lh_waitkind;
 
-struct lh_task {
-  uint64_t tag;           /* LH_TAG_TASK: see lh_checkobj */
-  lua_State *co;          /* the thread; NULL once the task has ended */
-  int ref;                /* registry ref to this userdata while alive */
-  int status;             /* LH_TASK_* */
-  int nargs;              /* values pushed on co for its next resume */
-  int queued;             /* in the ready queue? */
-  lh_task *next;          /* link: ready queue, or a list of waiters */
-  lh_cancel_fn cancel;    /* set while waiting on something cancellable */
-  void *waiting_on;       /* the object or request of the current wait */
-  uv_timer_t *timer;      /* deadline timer, allocated on first use */
-  lh_task *joiners;       /* tasks waiting in so.join for this one */
+enum {
+  LH_WAIT_NET  = 1 << 0,  /* on a socket: a timeout is libuv's ETIMEDOUT */
+  LH_WAIT_ENDS = 1 << 1   /* its own timeout is its normal end (so.sleep) */
 };
 
-enum { LH_TASK_RUNNING, LH_TASK_WAITING, LH_TASK_DONE, LH_TASK_FAILED };
+/*
+** One pending operation of a task: what it waits on, how to abandon it
+** and when it times out. A task waits on one thing at a time, so the record
+** lives in the task; `kind` is NULL while the task waits on nothing.
+*/
+typedef struct lh_waitrec {
+  const lh_waitkind *kind;  /* NULL when not waiting */
+  void *on;                 /* the object or request waited on */
+  int64_t deadline;         /* loop time (ms) it times out at, or -1 */
+  uint32_t seq;             /* orders equal deadlines; see sched.c */
+  int heapidx;              /* place in the deadline heap, -1 if none */
+  int base;                 /* the waiting C function's stack top */
+  int err;                  /* the outcome when it failed: a libuv code */
+  unsigned char by_deadline;/* the deadline is so.deadline's, not the op's */
+} lh_waitrec;
+
+/*
+** A task: a Lua thread run by the scheduler. The struct lives in a full
+** userdata (the task handle scripts see); its user values are the thread
+** and the "file:line" of the so.spawn that started it. The thread's
+** LUA_EXTRASPACE points back here, so a C function finds the task it runs
+** in without a lookup.
+*/
+struct lh_task {
+  uint64_t tag;           /* LH_TAG_TASK: see lh_checkobj */
+  lua_State *co;          /* the thread */
+  lh_task *next;          /* link: ready queue, or a list of waiters */
+  lh_task *joiners;       /* tasks waiting in so.join for this one */
+  struct lh_first *first; /* the so.first that started it, if any */
+  lh_waitrec wait;          /* what it waits on now */
+  int64_t deadline;       /* so.deadline in force (loop ms), or -1 */
+  int ref;                /* registry ref to this userdata while alive */
+  int nargs;              /* values pushed on co for its next resume */
+  unsigned char status;   /* LH_TASK_* */
+  unsigned char queued;   /* in the ready queue? */
+  unsigned char cancelling; /* so.cancel asked it to end */
+};
+
+enum {
+  LH_TASK_RUNNING,    /* on the C stack: running, or resuming another */
+  LH_TASK_WAITING,    /* suspended in a wait of the host's */
+  LH_TASK_YIELDED,    /* suspended in a plain yield, or not started */
+  LH_TASK_DONE,       /* returned */
+  LH_TASK_FAILED,     /* raised */
+  LH_TASK_CANCELLED   /* ended by so.cancel */
+};
+
+#define lh_task_ended(t) ((t)->status >= LH_TASK_DONE)
 
 /*
 ** A thread's LUA_EXTRASPACE: for a task's own thread, its lh_task; for a
@@ -56,6 +109,9 @@ enum { LH_TASK_RUNNING, LH_TASK_WAITING, LH_TASK_DONE, LH_TASK_FAILED };
 #define LH_NESTED ((uintptr_t)1)
 #define LH_WAITING ((uintptr_t)2)
 #define LH_EXTRA_TAGS (LH_NESTED | LH_WAITING)
+
+/* What the host yields (a light userdata): a wait, or a cancel unwinding. */
+enum { LH_YIELD_PLAIN, LH_YIELD_WAIT, LH_YIELD_CANCEL };
 
 /*
 ** A TCP socket: a conn or a listener. C owns this memory; it is freed in
@@ -92,60 +148,79 @@ typedef struct lh_sockref {
 #define LH_TAG_CONN     UINT64_C(0x6c756168636f6e6e) /* "luahconn" */
 #define LH_TAG_LISTENER UINT64_C(0x6c7561686c73746e) /* "luahlstn" */
 #define LH_TAG_TASK     UINT64_C(0x6c7561687461736b) /* "luahtask" */
+#define LH_TAG_CHANNEL  UINT64_C(0x6c7561686368616e) /* "luahchan" */
+
+#define LH_TASK_TNAME "task"
 
 /* The host: one loop, one Lua state. */
 typedef struct lh_host {
   uv_loop_t *loop;
-  lua_State *L;           /* main state; NULL once closed */
+  lua_State *L;           /* main state; NULL once closing */
   int depth;              /* resumes in progress (0: called from the loop) */
-  int nested_wait;        /* a coroutine inside a task yielded for a wait */
   int exit_status;        /* what main returns */
   lh_task *ready_head, *ready_tail;
   uv_check_t ready_check; /* runs queued tasks after each poll */
   uv_idle_t ready_idle;   /* keeps poll from blocking while tasks are queued */
+  uv_timer_t deadline_timer; /* the earliest deadline of any wait */
   long ntasks, nconns, nlisteners; /* live counts, for so.stats */
 } lh_host;
 
 extern lh_host lh_H;
 
+/* aux.c */
+void *lh_checkobj(lua_State *L, int arg, uint64_t tag, const char *tname);
+int64_t lh_checktimeout(lua_State *L, int arg);
+int64_t lh_now(void);
+
 /* error.c */
 int lh_pusherror(lua_State *L, int err);
 void lh_pusherror_values(lua_State *L, int err);
 
-/* task.c */
-void lh_sched_init(void);
+/* sched.c: tasks' lives, waits, wakes and deadlines */
+void lh_sched_init(lua_State *L);
+void lh_sched_close(void);
 lh_task *lh_task_current(lua_State *L);
 lh_task *lh_checktask_caller(lua_State *L, const char *what);
-int lh_wait(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
+lh_task *lh_newtask(lua_State *L, int fn);
+void lh_start(lua_State *L, lh_task *t, int nargs);
+int lh_wait(lua_State *L, lh_task *t, const lh_waitkind *kind, void *on,
             int64_t timeout_ms);
-int lh_waitk(lua_State *L, lh_task *t, void *on, lh_cancel_fn cancel,
-             int64_t timeout_ms, lua_KContext ctx, lua_KFunction k);
-void lh_wait_end(lh_task *t);
+int lh_expired(lh_task *t);
 void lh_resume(lh_task *t, int nargs);
-void lh_wake(lh_task *t, int nargs);
+void lh_resume_err(lh_task *t, int err);
 void lh_resume_status(lh_task *t, int status);
+void lh_wake(lh_task *t, int nargs);
+void lh_wake_err(lh_task *t, int err);
+int lh_push_results(lua_State *L, lh_task *t);
+int lh_cancel(lua_State *L, lh_task *t);
+int lh_unwind(lua_State *L);
+int lh_yieldkind(lua_State *co, int nres);
+int lh_pushprotected(lua_State *to, lua_CFunction f, void *ud);
 int lh_spawn_main(lua_State *L, int nargs);
-int64_t lh_checktimeout(lua_State *L, int arg);
-void lh_task_open(lua_State *L);
+int lh_closethread(lua_State *co, lua_State *from);
 
 /* coro.c */
 void lh_coro_open(lua_State *L);
 
 /* sock.c */
-void *lh_checkobj(lua_State *L, int arg, uint64_t tag, const char *tname);
 lh_sock *lh_checkconn(lua_State *L, int arg);
 lh_sock *lh_checklistener(lua_State *L, int arg);
 lh_sock *lh_newsock(lua_State *L, unsigned flags);
+int lh_sock_renew(lh_sockref *ref);
 void lh_sock_close(lua_State *L, int idx);
+void lh_sock_closeref(lh_sockref *ref);
 void lh_sock_open(lua_State *L);
 int lh_parseaddr(const char *host, int port, struct sockaddr_storage *ss);
 int lh_pushaddr(lua_State *L, const struct sockaddr_storage *ss);
 int lh_getaddrinfo(uv_getaddrinfo_t *req, uv_getaddrinfo_cb cb,
                    const char *host, int port, int flags);
 
-/* stream.c, listener.c */
+/* stream.c, listener.c, task.c, channel.c */
 void lh_stream_open(lua_State *L);
 void lh_listener_open(lua_State *L);
+void lh_task_open(lua_State *L);
+void lh_task_init(lua_State *L);
+void lh_channel_open(lua_State *L);
 
 /* so.c */
 int luaopen_so(lua_State *L);

@@ -118,9 +118,12 @@ static void teardown(lua_State *L) {
   lh_H.L = NULL;
   lh_H.ready_head = lh_H.ready_tail = NULL;
   lua_close(L);
+  lh_sched_close();
   uv_walk(lh_H.loop, close_handle, NULL);
   uv_run(lh_H.loop, UV_RUN_DEFAULT);
-  uv_loop_close(lh_H.loop);
+  if (uv_loop_close(lh_H.loop) != 0)  /* a handle outlived its owner */
+    fprintf(stderr, "%s: internal error: handles left open at exit\n",
+            progname);
 }
 
 static int report_load_error(lua_State *L) {
@@ -180,7 +183,8 @@ int main(int argc, char **argv) {
   lua_setfield(L, -2, "so");
   lua_pop(L, 1);
   set_arg(L, argv, argc, script);
-  lh_sched_init();
+  lh_sched_init(L);
+  lh_task_init(L);
 
   status = luaL_loadfile(L, argv[script]);
   if (status != LUA_OK) {

@@ -17,17 +17,6 @@
 #define CONN_TNAME "conn"
 #define LISTENER_TNAME "listener"
 
-/*
-** The object at arg if it is a userdata of ours with that tag, or a
-** "bad argument" error naming tname.
-*/
-void *lh_checkobj(lua_State *L, int arg, uint64_t tag, const char *tname) {
-  uint64_t *p = lua_touserdata(L, arg);
-  if (p == NULL || lua_rawlen(L, arg) < sizeof(uint64_t) || *p != tag)
-    luaL_typeerror(L, arg, tname);
-  return p;
-}
-
 static lh_sock *checkopen(lua_State *L, int arg, uint64_t tag,
                           const char *tname) {
   lh_sockref *ref = lh_checkobj(L, arg, tag, tname);
@@ -71,6 +60,25 @@ static void on_close(uv_handle_t *h) {
 }
 
 /*
+** The C side of a new socket: memory and an initialized uv_tcp_t, or NULL
+** when there is no memory (or libuv refuses, which it does not for TCP).
+*/
+static lh_sock *sock_alloc(unsigned flags) {
+  lh_sock *s = malloc(sizeof *s);
+  if (s == NULL)
+    return NULL;
+  memset(s, 0, sizeof *s);
+  s->flags = flags;
+  s->timeout = -1;
+  s->acceptors_tail = &s->acceptors;
+  if (uv_tcp_init(lh_H.loop, &s->tcp) < 0) {
+    free(s);
+    return NULL;
+  }
+  return s;
+}
+
+/*
 ** Pushes a new userdata of the given kind, in its closed state, then
 ** creates the socket behind it. Raises on failure, leaving nothing open.
 */
@@ -78,22 +86,12 @@ lh_sock *lh_newsock(lua_State *L, unsigned flags) {
   int listener = (flags & LH_SOCK_LISTENER) != 0;
   lh_sockref *ref = lua_newuserdatauv(L, sizeof *ref, 0);
   lh_sock *s;
-  int err;
   ref->tag = listener ? LH_TAG_LISTENER : LH_TAG_CONN;
   ref->s = NULL;  /* closed until the socket exists */
   luaL_setmetatable(L, listener ? LISTENER_TNAME : CONN_TNAME);
-  s = malloc(sizeof *s);
+  s = sock_alloc(flags);
   if (s == NULL)
     luaL_error(L, "not enough memory");
-  memset(s, 0, sizeof *s);
-  s->flags = flags;
-  s->timeout = -1;
-  s->acceptors_tail = &s->acceptors;
-  err = uv_tcp_init(lh_H.loop, &s->tcp);
-  if (err < 0) {
-    free(s);
-    luaL_error(L, "uv_tcp_init: %s", uv_strerror(err));
-  }
   ref->s = s;
   if (listener)
     lh_H.nlisteners++;
@@ -103,23 +101,34 @@ lh_sock *lh_newsock(lua_State *L, unsigned flags) {
 }
 
 /*
+** Gives an open conn a fresh socket in place of its own, which closes:
+** a socket whose connect failed cannot connect again. 0, or UV_ENOMEM
+** (the conn then keeps its socket).
+*/
+int lh_sock_renew(lh_sockref *ref) {
+  lh_sock *old = ref->s, *s = sock_alloc(old->flags);
+  if (s == NULL)
+    return UV_ENOMEM;
+  s->timeout = old->timeout;
+  ref->s = s;
+  old->flags |= LH_SOCK_DETACHED;
+  uv_close((uv_handle_t *)&old->tcp, on_close);
+  return 0;
+}
+
+/*
 ** Ends every wait on s with nil, "ECANCELED: ...": the waiting tasks run
 ** from the ready queue, since this runs inside the closing task.
 */
 static void cancel_waiters(lh_sock *s) {
   lh_task *t = s->reader;
   s->reader = NULL;
-  if (t != NULL) {
-    lua_pushnil(t->co);
-    lh_pusherror_values(t->co, UV_ECANCELED);
-    lh_wake(t, 3);
-  }
+  if (t != NULL)
+    lh_wake_err(t, UV_ECANCELED);
   while ((t = s->acceptors) != NULL) {
     s->acceptors = t->next;
     t->next = NULL;
-    lua_pushnil(t->co);
-    lh_pusherror_values(t->co, UV_ECANCELED);
-    lh_wake(t, 3);
+    lh_wake_err(t, UV_ECANCELED);
   }
   s->acceptors_tail = &s->acceptors;
 }
@@ -127,7 +136,7 @@ static void cancel_waiters(lh_sock *s) {
 /*
 ** The one closer behind so.close, __close and __gc; safe to call twice.
 */
-static void closeref(lh_sockref *ref) {
+void lh_sock_closeref(lh_sockref *ref) {
   lh_sock *s = ref->s;
   if (s == NULL)
     return;
@@ -147,12 +156,12 @@ static void closeref(lh_sockref *ref) {
 
 /* Closes the conn or listener at idx, as so.close does. */
 void lh_sock_close(lua_State *L, int idx) {
-  closeref(lua_touserdata(L, idx));
+  lh_sock_closeref(lua_touserdata(L, idx));
 }
 
 /* so.close(obj): closes a conn or a listener; true, also when closed. */
 static int so_close(lua_State *L) {
-  closeref(checkref(L, 1));
+  lh_sock_closeref(checkref(L, 1));
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -161,7 +170,7 @@ static int so_close(lua_State *L) {
 static int sock_gc(lua_State *L) {
   lh_sockref *ref = toref(L, 1);
   if (ref != NULL)
-    closeref(ref);
+    lh_sock_closeref(ref);
   return 0;
 }
 

@@ -41,10 +41,20 @@ static void stop_reading(lh_sock *s) {
   }
 }
 
+typedef struct read_result {
+  const char *base;
+  size_t len;
+} read_result;
+
+static int push_read(lua_State *L) {
+  read_result *r = lua_touserdata(L, 1);
+  lua_pushlstring(L, r->base, r->len);
+  return 1;  /* the bytes */
+}
+
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   lh_sock *s = (lh_sock *)stream;
   lh_task *t = s->reader;
-  int nres;
   if (nread == 0)  /* EAGAIN: nothing this time */
     return;
   if (t == NULL || lh_H.L == NULL) {
@@ -57,20 +67,22 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   s->reader = NULL;
-  if (nread > 0) {
-    lua_pushlstring(t->co, buf->base, (size_t)nread);
-    nres = 1;
-  } else if (nread == UV_EOF) {
-    s->flags |= LH_SOCK_EOF;
-    lua_pushliteral(t->co, "");
-    nres = 1;
+  if (nread > 0 || nread == UV_EOF) {
+    /* The string is made under protection: out of memory, this read
+       fails and the conn with it (its bytes are gone), nothing else. */
+    read_result r = {buf->base, nread > 0 ? (size_t)nread : 0};
+    if (nread == UV_EOF)
+      s->flags |= LH_SOCK_EOF;
+    if (lh_pushprotected(t->co, push_read, &r) == 1)
+      lh_resume(t, 1);
+    else {
+      s->err = UV_ENOMEM;
+      lh_resume_err(t, UV_ENOMEM);
+    }
   } else {
     s->err = (int)nread;
-    lua_pushnil(t->co);
-    lh_pusherror_values(t->co, s->err);
-    nres = 3;
+    lh_resume_err(t, s->err);
   }
-  lh_resume(t, nres);
   /* The task is often back in so.read already: then keep reading, which
      saves the two epoll_ctl calls of a stop and a start. */
   if (s->reader == NULL && !uv_is_closing((uv_handle_t *)stream))
@@ -78,10 +90,12 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
 }
 
 static void cancel_read(lh_task *t) {
-  lh_sock *s = t->waiting_on;
+  lh_sock *s = t->wait.on;
   s->reader = NULL;
   stop_reading(s);
 }
+
+static const lh_waitkind read_kind = {"read", cancel_read, NULL, LH_WAIT_NET};
 
 /*
 ** so.read(conn): the next bytes that arrive (up to 256 KiB); "" at EOF;
@@ -106,7 +120,7 @@ static int so_read(lua_State *L) {
     s->flags |= LH_SOCK_READING;
   }
   s->reader = t;
-  return lh_wait(L, t, s, cancel_read, s->timeout);
+  return lh_wait(L, t, &read_kind, s, s->timeout);
 }
 
 /* }====================================================== */
@@ -136,35 +150,98 @@ static void on_write(uv_write_t *r, int status) {
 }
 
 static void cancel_write(lh_task *t) {
-  write_req *req = t->waiting_on;
+  write_req *req = t->wait.on;
   req->task = NULL;  /* the write goes on; only its writer left */
 }
+
+static const lh_waitkind write_kind = {"write", cancel_write, NULL,
+                                       LH_WAIT_NET};
 
 #define MAXPIECES 1024
 
 /*
-** The buffers of a write being prepared: uv_write copies the array, and
-** nothing runs between filling it and handing it over.
+** The buffers of a write being prepared. Shared, so filled only where no
+** Lua code can run before libuv has them (uv_write copies the array): no
+** allocation, no metamethod, hence no collector and no __gc that writes.
 */
 static uv_buf_t pieces[MAXPIECES];
 
 /*
-** Anchors what a queued write reads from: a string is itself; the strings
-** of a table are copied into a new table, from the first one not yet
-** written, since the script may change its own table before the write
-** completes (after a timeout, or from another task).
+** Fills pieces from data (a string, or a table of strings that
+** check_data accepted), from byte `skip` on; returns how many. Reads
+** with raw gets only: nothing here can run Lua code.
 */
-static int anchor_data(lua_State *L, unsigned first, unsigned n) {
-  unsigned i;
-  if (lua_type(L, 2) == LUA_TSTRING)
-    lua_pushvalue(L, 2);
+static unsigned fill_pieces(lua_State *L, int data, size_t skip) {
+  lua_Integer i, n;
+  unsigned nbufs = 0;
+  size_t len;
+  const char *p;
+  if (lua_type(L, data) == LUA_TSTRING) {
+    p = lua_tolstring(L, data, &len);
+    pieces[0] = uv_buf_init((char *)p + skip, (unsigned)(len - skip));
+    return 1;
+  }
+  n = (lua_Integer)lua_rawlen(L, data);
+  for (i = 1; i <= n; i++) {
+    lua_rawgeti(L, data, i);
+    p = lua_tolstring(L, -1, &len);
+    lua_pop(L, 1);  /* the table keeps the string */
+    if (skip >= len) {
+      skip -= len;
+      continue;
+    }
+    pieces[nbufs++] = uv_buf_init((char *)p + skip, (unsigned)(len - skip));
+    skip = 0;
+  }
+  return nbufs;
+}
+
+/*
+** Checks so.write's data argument, a string or an array of at most
+** MAXPIECES strings, and returns its total length.
+*/
+static size_t check_data(lua_State *L, int arg) {
+  size_t total = 0, len;
+  if (lua_type(L, arg) == LUA_TSTRING) {
+    lua_tolstring(L, arg, &len);
+    luaL_argcheck(L, len <= UINT32_MAX, arg, "string too long");
+    return len;
+  } else if (lua_type(L, arg) == LUA_TTABLE) {
+    lua_Integer i, n = (lua_Integer)lua_rawlen(L, arg);
+    luaL_argcheck(L, n <= MAXPIECES, arg, "too many pieces (1024 at most)");
+    for (i = 1; i <= n; i++) {
+      if (lua_rawgeti(L, arg, i) != LUA_TSTRING)
+        return luaL_argerror(L, arg, lua_pushfstring(L,
+                   "string expected at index %d, got %s", (int)i,
+                   luaL_typename(L, -1)));
+      lua_tolstring(L, -1, &len);
+      luaL_argcheck(L, len <= UINT32_MAX, arg, "string too long");
+      lua_pop(L, 1);
+      total += len;
+    }
+    return total;
+  }
+  return luaL_typeerror(L, arg, "string or table");
+}
+
+/*
+** Anchors what a queued write reads from, until its callback: a string
+** is itself; a table's strings go into a copy, since the script may
+** change its own table before the write completes (after a timeout, or
+** from another task). Returns the registry ref; pushes the anchored value.
+*/
+static int anchor_data(lua_State *L, int data) {
+  if (lua_type(L, data) == LUA_TSTRING)
+    lua_pushvalue(L, data);
   else {
-    lua_createtable(L, (int)(n - first), 0);
-    for (i = first; i < n; i++) {
-      lua_rawgeti(L, 2, i + 1);
-      lua_rawseti(L, -2, i - first + 1);
+    lua_Integer i, n = (lua_Integer)lua_rawlen(L, data);
+    lua_createtable(L, (int)n, 0);
+    for (i = 1; i <= n; i++) {
+      lua_rawgeti(L, data, i);
+      lua_rawseti(L, -2, i);
     }
   }
+  lua_pushvalue(L, -1);
   return luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
@@ -175,74 +252,42 @@ static int anchor_data(lua_State *L, unsigned first, unsigned n) {
 */
 static int so_write(lua_State *L) {
   lh_sock *s = lh_checkconn(L, 1);
-  uv_buf_t *bufs = pieces;
-  unsigned i, nbufs;
-  size_t total = 0;
-  int written, err;
+  size_t total = check_data(L, 2);
+  lh_task *t = lh_checktask_caller(L, "write");
+  unsigned nbufs;
+  int written, err, ref;
   write_req *req;
-  lh_task *t;
-  if (lua_type(L, 2) == LUA_TSTRING) {
-    size_t len;
-    const char *p = lua_tolstring(L, 2, &len);
-    bufs[0] = uv_buf_init((char *)p, (unsigned)len);
-    nbufs = 1;
-    total = len;
-    luaL_argcheck(L, len <= UINT32_MAX, 2, "string too long");
-  } else if (lua_type(L, 2) == LUA_TTABLE) {
-    lua_Integer n = luaL_len(L, 2);
-    luaL_argcheck(L, n >= 0 && n <= MAXPIECES, 2,
-                  "too many pieces (1024 at most)");
-    nbufs = (unsigned)n;
-    for (i = 0; i < nbufs; i++) {
-      size_t len;
-      const char *p;
-      if (lua_rawgeti(L, 2, i + 1) != LUA_TSTRING)
-        return luaL_argerror(L, 2, lua_pushfstring(L,
-                   "string expected at index %d, got %s", i + 1,
-                   luaL_typename(L, -1)));
-      p = lua_tolstring(L, -1, &len);
-      lua_pop(L, 1);  /* the table keeps the string */
-      bufs[i] = uv_buf_init((char *)p, (unsigned)len);
-      total += len;
-    }
-  } else
-    return luaL_typeerror(L, 2, "string or table");
-  t = lh_checktask_caller(L, "write");
   if (total == 0) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  written = uv_try_write((uv_stream_t *)&s->tcp, bufs, nbufs);
+  luaL_checkstack(L, 4, NULL);
+  nbufs = fill_pieces(L, 2, 0);
+  written = uv_try_write((uv_stream_t *)&s->tcp, pieces, nbufs);
   if (written >= 0 && (size_t)written == total) {
     lua_pushboolean(L, 1);
     return 1;
   }
   if (written < 0 && written != UV_EAGAIN)
     return lh_pusherror(L, written);
-  /* Skip what the OS took; uv_write copies the buffer array. */
-  for (i = 0; written > 0 && i < nbufs; i++) {
-    if ((unsigned)written < bufs[i].len) {
-      bufs[i].base += written;
-      bufs[i].len -= written;
-      break;
-    }
-    written -= bufs[i].len;
-  }
-  while (i < nbufs && bufs[i].len == 0)
-    i++;
+  /* Anchoring allocates, and a __gc it sets off may write: fill the
+     pieces again, from the anchored copy, after it. */
+  ref = anchor_data(L, 2);
   req = malloc(sizeof *req);
-  if (req == NULL)
+  if (req == NULL) {
+    luaL_unref(L, LUA_REGISTRYINDEX, ref);
     return luaL_error(L, "not enough memory");
-  req->data_ref = anchor_data(L, i, nbufs);
+  }
   req->task = t;
-  err = uv_write(&req->req, (uv_stream_t *)&s->tcp, bufs + i, nbufs - i,
-                 on_write);
+  req->data_ref = ref;
+  nbufs = fill_pieces(L, lua_gettop(L), written > 0 ? (size_t)written : 0);
+  err = uv_write(&req->req, (uv_stream_t *)&s->tcp, pieces, nbufs, on_write);
   if (err < 0) {
     luaL_unref(L, LUA_REGISTRYINDEX, req->data_ref);
     free(req);
     return lh_pusherror(L, err);
   }
-  return lh_wait(L, t, req, cancel_write, s->timeout);
+  return lh_wait(L, t, &write_kind, req, s->timeout);
 }
 
 /* }====================================================== */
@@ -266,9 +311,12 @@ static void on_shutdown(uv_shutdown_t *r, int status) {
 }
 
 static void cancel_shutdown(lh_task *t) {
-  shutdown_req *req = t->waiting_on;
+  shutdown_req *req = t->wait.on;
   req->task = NULL;
 }
+
+static const lh_waitkind shutdown_kind = {"shutdown", cancel_shutdown, NULL,
+                                          LH_WAIT_NET};
 
 /*
 ** so.shutdown(conn): sends EOF after the queued writes; true once done.
@@ -286,7 +334,7 @@ static int so_shutdown(lua_State *L) {
     free(req);
     return lh_pusherror(L, err);
   }
-  return lh_wait(L, t, req, cancel_shutdown, s->timeout);
+  return lh_wait(L, t, &shutdown_kind, req, s->timeout);
 }
 
 /* }====================================================== */
@@ -315,17 +363,26 @@ static void connect_free(connect_req *req) {
   free(req);
 }
 
+/*
+** The task gets the conn, or the error (and the conn is closed); the
+** request is freed.
+*/
 static void connect_done(connect_req *req, int err) {
   lh_task *t = req->task;
+  if (err < 0) {
+    lh_sock_closeref(req->conn);
+    connect_free(req);
+    lh_resume_err(t, err);
+    return;
+  }
+  uv_tcp_nodelay(&req->conn->s->tcp, 1);
+  /* The conn's userdata exists: pushing it allocates nothing. */
+  lua_rawgeti(t->co, LUA_REGISTRYINDEX, req->conn_ref);
   connect_free(req);
-  lh_resume_status(t, err);
+  lh_resume(t, 1);  /* the conn */
 }
 
 static void on_connect(uv_connect_t *r, int status);
-
-static void free_handle(uv_handle_t *h) {
-  free(h);
-}
 
 /*
 ** Starts a connect to the next address that takes one; 0, or the last
@@ -355,24 +412,15 @@ static void on_connect(uv_connect_t *r, int status) {
     return;
   }
   if (status == 0) {
-    uv_tcp_nodelay(&req->conn->s->tcp, 1);
     connect_done(req, 0);
     return;
   }
   req->err = status;
-  if (req->next != NULL) {
-    /* A failed socket cannot connect again: give the conn a fresh one. */
-    lh_sock *old = req->conn->s, *s = calloc(1, sizeof *s);
-    if (s != NULL && uv_tcp_init(lh_H.loop, &s->tcp) == 0) {
-      s->timeout = old->timeout;
-      s->acceptors_tail = &s->acceptors;
-      uv_close((uv_handle_t *)&old->tcp, free_handle);
-      req->conn->s = s;
-      if (connect_next(req) == 0)
-        return;
-    } else
-      free(s);
-  }
+  /* A failed socket cannot connect again: the next address gets a fresh
+     one, made as every socket is. */
+  if (req->next != NULL && lh_sock_renew(req->conn) == 0 &&
+      connect_next(req) == 0)
+    return;
   connect_done(req, req->err);
 }
 
@@ -389,25 +437,21 @@ static void on_resolved(uv_getaddrinfo_t *r, int status,
     connect_done(req, status);
 }
 
+/*
+** The task stopped waiting (timeout, so.deadline, so.cancel): the conn
+** closes at once, which ends a connect in progress (its callback then
+** frees the request); a resolve still queued is dropped, one running
+** finishes and frees.
+*/
 static void cancel_connect(lh_task *t) {
-  connect_req *req = t->waiting_on;
+  connect_req *req = t->wait.on;
   req->task = NULL;
-  /* A resolve still queued is dropped; one running finishes and frees.
-     A connect ends when k_connect closes the conn. */
+  lh_sock_closeref(req->conn);
   uv_cancel((uv_req_t *)&req->resolve);
 }
 
-/* After the wait: the conn at ctx, or close it and pass on the error. */
-static int k_connect(lua_State *L, int status, lua_KContext ctx) {
-  int conn = (int)ctx;
-  (void)status;
-  if (lua_gettop(L) == conn + 1 && lua_toboolean(L, -1)) {
-    lua_pushvalue(L, conn);
-    return 1;  /* the conn */
-  }
-  lh_sock_close(L, conn);
-  return 3;  /* nil, msg, name */
-}
+static const lh_waitkind connect_kind = {"connect", cancel_connect, NULL,
+                                         LH_WAIT_NET};
 
 /*
 ** so.connect(host, port [, timeout]): a connected conn, or nil, msg,
@@ -424,6 +468,8 @@ static int so_connect(lua_State *L) {
   int err, conn;
   luaL_argcheck(L, port >= 0 && port <= 65535, 2, "port out of range");
   t = lh_checktask_caller(L, "connect");
+  if (lh_expired(t))
+    return lh_pusherror(L, UV_ETIMEDOUT);
   lua_settop(L, 3);
   lh_newsock(L, 0);
   conn = lua_gettop(L);
@@ -447,7 +493,7 @@ static int so_connect(lua_State *L) {
     lh_sock_close(L, conn);
     return lh_pusherror(L, err);
   }
-  return lh_waitk(L, t, req, cancel_connect, timeout, conn, k_connect);
+  return lh_wait(L, t, &connect_kind, req, timeout);
 }
 
 /* }====================================================== */
