@@ -97,6 +97,17 @@ enum {
   LH_TASK_CANCELLED   /* ended by so.cancel */
 };
 
+/*
+** so.first's record: the task waiting in it, the tasks it started, and
+** the first of them to return.
+*/
+typedef struct lh_first {
+  lh_task *waiter;   /* NULL while so.first is still starting tasks */
+  lh_task *winner;   /* the first task that returned or raised */
+  int n, live;       /* tasks started; of those, not yet ended */
+  lh_task *tasks[1]; /* n of them: their handles are on so.first's stack */
+} lh_first;
+
 #define lh_task_ended(t) ((t)->status >= LH_TASK_DONE)
 
 /*
@@ -180,6 +191,7 @@ void lh_pusherror_values(lua_State *L, int err);
 void lh_sched_init(lua_State *L);
 void lh_sched_close(void);
 lh_task *lh_task_current(lua_State *L);
+lh_task *lh_task_caller(lua_State *L);
 lh_task *lh_checktask_caller(lua_State *L, const char *what);
 lh_task *lh_newtask(lua_State *L, int fn);
 void lh_start(lua_State *L, lh_task *t, int nargs);
@@ -210,6 +222,7 @@ int lh_sock_renew(lh_sockref *ref);
 void lh_sock_close(lua_State *L, int idx);
 void lh_sock_closeref(lh_sockref *ref);
 void lh_sock_open(lua_State *L);
+int lh_sock_settimeout(lua_State *L);
 int lh_parseaddr(const char *host, int port, struct sockaddr_storage *ss);
 int lh_pushaddr(lua_State *L, const struct sockaddr_storage *ss);
 int lh_getaddrinfo(uv_getaddrinfo_t *req, uv_getaddrinfo_cb cb,
@@ -221,6 +234,7 @@ void lh_listener_open(lua_State *L);
 void lh_task_open(lua_State *L);
 void lh_task_init(lua_State *L);
 void lh_channel_open(lua_State *L);
+int lh_channel_settimeout(lua_State *L);
 
 /* so.c */
 int luaopen_so(lua_State *L);

@@ -54,7 +54,7 @@ lh_task *lh_task_current(lua_State *L) {
   return (x & LH_EXTRA_TAGS) ? NULL : (lh_task *)x;
 }
 
-static lh_task *caller_task(lua_State *L) {
+lh_task *lh_task_caller(lua_State *L) {
   return (lh_task *)(LH_EXTRA(L) & ~LH_EXTRA_TAGS);
 }
 
@@ -67,7 +67,7 @@ static lh_task *caller_task(lua_State *L) {
 ** the yield after the wait was registered.
 */
 lh_task *lh_checktask_caller(lua_State *L, const char *what) {
-  lh_task *t = caller_task(L);
+  lh_task *t = lh_task_caller(L);
   if (lh_H.L == NULL)
     luaL_error(L, "%s: the host is shutting down", what);
   if (t == NULL)
@@ -287,7 +287,7 @@ static void ready_push(lh_task *t, int nargs) {
 */
 static int k_wait(lua_State *L, int status, lua_KContext ctx) {
   const lh_waitkind *kind = (const lh_waitkind *)ctx;
-  lh_task *t = caller_task(L);
+  lh_task *t = lh_task_caller(L);
   int err = t->wait.err;
   (void)status;
   if (t->cancelling)
@@ -488,17 +488,6 @@ int lh_push_results(lua_State *to, lh_task *t) {
   }
   return n + 1;
 }
-
-/*
-** so.first's record: the task waiting in it, the tasks it started, and
-** the first of them to return.
-*/
-struct lh_first {
-  lh_task *waiter;   /* NULL while so.first is still starting tasks */
-  lh_task *winner;   /* the first task that returned or raised */
-  int n, live;       /* tasks started; of those, not yet ended */
-  lh_task *tasks[1]; /* n of them: their handles are on so.first's stack */
-};
 
 /*
 ** A task so.first started has ended: the first to return or raise wins

@@ -188,7 +188,7 @@ static int sock_tostring(lua_State *L) {
 ** so.settimeout(obj, seconds): a limit for each later read, write and
 ** accept on obj; nil for none.
 */
-static int so_settimeout(lua_State *L) {
+int lh_sock_settimeout(lua_State *L) {
   lh_sockref *ref = checkref(L, 1);
   int64_t ms = lh_checktimeout(L, 2);
   if (ref->s == NULL)
@@ -283,7 +283,7 @@ static int so_peername(lua_State *L) {
 
 static const luaL_Reg sock_funcs[] = {
   {"close", so_close},
-  {"settimeout", so_settimeout},
+  {"settimeout", lh_sock_settimeout},
   {"sockname", so_sockname},
   {"peername", so_peername},
   {NULL, NULL}

@@ -2,6 +2,8 @@
 ** task.c: the task functions scripts call (so.spawn, so.join, so.sleep,
 ** so.now, so.stats) and the task handle, over the scheduler in sched.c.
 */
+#include <string.h>
+
 #include "luahost.h"
 
 static lh_task *checktask(lua_State *L, int arg) {
@@ -67,6 +69,163 @@ static int so_join(lua_State *L) {
 /* }====================================================== */
 
 
+/* {======================================================
+** so.cancel, so.deadline
+** ======================================================= */
+
+/*
+** so.cancel(task): ends task wherever it waits; its <close> variables run
+** before this returns. true, or false if it had ended already. A task
+** that cancels itself ends here.
+*/
+static int so_cancel(lua_State *L) {
+  lh_task *t = checktask(L, 1);
+  if (lh_task_ended(t) || lh_H.L == NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (t == lh_task_caller(L)) {
+    t->cancelling = 1;
+    if (lua_isyieldable(L))
+      return lh_unwind(L);  /* never returns here */
+    /* Behind a C boundary: it ends at its next wait or yield. */
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, lh_cancel(L, t));
+  return 1;
+}
+
+/* After fn: the outer deadline again (saved at 1), then fn's outcome. */
+static int k_deadline(lua_State *L, int status, lua_KContext ctx) {
+  lh_task *t = lh_task_caller(L);
+  (void)ctx;
+  t->deadline = (int64_t)lua_tointeger(L, 1);
+  if (status != LUA_OK && status != LUA_YIELD)
+    return lua_error(L);  /* fn's error, as it was */
+  return lua_gettop(L) - 1;  /* fn's results */
+}
+
+/*
+** so.deadline(seconds, fn, ...): fn(...) in the calling task, where every
+** wait still pending `seconds` from now ends with ETIMEDOUT (and every
+** later one at once). The earliest of nested deadlines holds.
+*/
+static int so_deadline(lua_State *L) {
+  lua_Number s = luaL_checknumber(L, 1);
+  lh_task *t = lh_task_caller(L);
+  int64_t d;
+  luaL_argcheck(L, s >= 0 && s < 1e12, 1, "seconds out of range");
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (t == NULL)
+    return luaL_error(L, "deadline: not in a task");
+  d = lh_now() + (int64_t)(s * 1000 + 0.5);
+  if (t->deadline >= 0 && t->deadline < d)
+    d = t->deadline;
+  lua_pushinteger(L, (lua_Integer)t->deadline);
+  lua_replace(L, 1);  /* saved: the outer deadline */
+  t->deadline = d;
+  return k_deadline(L, lua_pcallk(L, lua_gettop(L) - 2, LUA_MULTRET, 0, 0,
+                                  k_deadline), 0);
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** so.first
+** ======================================================= */
+
+#define FIRST_TNAME "so.first"
+
+/* Cancels every task f started that has not ended; they forget f first. */
+static void cancel_all(lua_State *L, lh_first *f) {
+  int i;
+  f->waiter = NULL;
+  for (i = 0; i < f->n; i++) {
+    lh_task *c = f->tasks[i];
+    if (c->first == f) {
+      c->first = NULL;
+      lh_cancel(L, c);
+    }
+  }
+}
+
+/* so.first's wait ended early (timeout, cancel): its tasks end first. */
+static void cancel_first(lh_task *t) {
+  cancel_all(lh_H.L, t->wait.on);
+}
+
+/*
+** The winner's index and results, or its error raised; the record's
+** __close (at 1) cancels the others as so.first returns or raises.
+*/
+static int after_first(lua_State *L, int base) {
+  lh_first *f = lua_touserdata(L, 1);
+  lh_task *w = f->winner;
+  int i = 0, n;
+  lua_settop(L, base);
+  while (f->tasks[i] != w)
+    i++;
+  if (w->status == LH_TASK_FAILED) {
+    lua_pushvalue(w->co, 1);
+    lua_xmove(w->co, L, 1);
+    return lua_error(L);  /* its error, in the caller */
+  }
+  lua_pushinteger(L, i + 1);
+  n = lh_push_results(L, w);
+  if (n < 0)
+    return luaL_error(L, "too many results");
+  lua_remove(L, -n);  /* the `true` of a join */
+  return n;  /* index, results... */
+}
+
+static const lh_waitkind first_kind = {"first", cancel_first, after_first,
+                                       0};
+
+static int first_close(lua_State *L) {
+  cancel_all(L, lua_touserdata(L, 1));
+  return 0;
+}
+
+/*
+** so.first(fn1, fn2, ...): runs each in a task of its own; the index and
+** results of the first to return (or its error, raised), once the others
+** are cancelled.
+*/
+static int so_first(lua_State *L) {
+  int n = lua_gettop(L), i;
+  lh_task *self;
+  lh_first *f;
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  for (i = 2; i <= n; i++)
+    luaL_checktype(L, i, LUA_TFUNCTION);
+  self = lh_checktask_caller(L, "first");
+  if (lh_expired(self))
+    return lh_pusherror(L, LH_ETIMEDOUT);
+  luaL_checkstack(L, n + LUA_MINSTACK, "too many functions");
+  f = lua_newuserdatauv(L, sizeof *f + (size_t)(n - 1) * sizeof(lh_task *),
+                        0);
+  memset(f, 0, sizeof *f);
+  luaL_setmetatable(L, FIRST_TNAME);
+  lua_insert(L, 1);  /* f fn1 ... fnN */
+  lua_toclose(L, 1);  /* however so.first ends, its tasks end with it */
+  for (i = 2; i <= n + 1 && f->winner == NULL; i++) {
+    lh_task *c = lh_newtask(L, i);  /* ... handle: anchors c */
+    c->first = f;
+    f->tasks[f->n++] = c;
+    f->live++;
+    lh_start(L, c, 0);
+  }
+  if (f->winner != NULL)  /* one returned before it waited */
+    return after_first(L, lua_gettop(L));
+  f->waiter = self;
+  return lh_wait(L, self, &first_kind, f, -1);
+}
+
+/* }====================================================== */
+
+
 static const lh_waitkind sleep_kind = {"sleep", NULL, NULL, LH_WAIT_ENDS};
 
 /*
@@ -112,11 +271,15 @@ static const luaL_Reg task_funcs[] = {
   {"sleep", so_sleep},
   {"now", so_now},
   {"stats", so_stats},
+  {"cancel", so_cancel},
+  {"deadline", so_deadline},
+  {"first", so_first},
   {NULL, NULL}
 };
 
 static const luaL_Reg task_methods[] = {
   {"join", so_join},
+  {"cancel", so_cancel},
   {NULL, NULL}
 };
 
@@ -130,6 +293,10 @@ void lh_task_init(lua_State *L) {
   lua_setfield(L, -2, "__tostring");
   luaL_newlib(L, task_methods);
   lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, FIRST_TNAME);
+  lua_pushcfunction(L, first_close);
+  lua_setfield(L, -2, "__close");
   lua_pop(L, 1);
 }
 
