@@ -29,3 +29,14 @@ int lh_pusherror(lua_State *L, int err) {
   lh_pusherror_values(L, err);
   return 3;  /* nil, message, name */
 }
+
+/*
+** Keeps the strings of ENOMEM alive for good: Lua interns short strings,
+** so pushing them again finds them and allocates nothing, and a task can
+** be told it is out of memory when no memory is left.
+*/
+void lh_error_init(lua_State *L) {
+  lh_pusherror_values(L, UV_ENOMEM);
+  luaL_ref(L, LUA_REGISTRYINDEX);
+  luaL_ref(L, LUA_REGISTRYINDEX);
+}

@@ -178,6 +178,9 @@ typedef struct lh_host {
 
 extern lh_host lh_H;
 
+/* alloc.c */
+lua_State *lh_newstate(size_t limit);
+
 /* aux.c */
 void *lh_checkobj(lua_State *L, int arg, uint64_t tag, const char *tname);
 int64_t lh_checktimeout(lua_State *L, int arg);
@@ -186,6 +189,7 @@ int64_t lh_now(void);
 /* error.c */
 int lh_pusherror(lua_State *L, int err);
 void lh_pusherror_values(lua_State *L, int err);
+void lh_error_init(lua_State *L);
 
 /* sched.c: tasks' lives, waits, wakes and deadlines */
 void lh_sched_init(lua_State *L);

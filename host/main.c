@@ -28,9 +28,10 @@ static void usage(FILE *f) {
           "usage: %s [options] script [args]\n"
           "Runs a Lua script as the first task of an event loop.\n"
           "Options:\n"
-          "  --help     show this help and exit\n"
-          "  --version  show version information and exit\n"
-          "  --         stop handling options\n",
+          "  --max-memory SIZE  cap the Lua heap (bytes, or with K, M, G)\n"
+          "  --help             show this help and exit\n"
+          "  --version          show version information and exit\n"
+          "  --                 stop handling options\n",
           progname);
 }
 
@@ -132,9 +133,29 @@ static int report_load_error(lua_State *L) {
   return 1;
 }
 
+/*
+** A size: digits with an optional K, M or G (powers of 1024); 0 if bad.
+*/
+static size_t parse_size(const char *s) {
+  char *end;
+  unsigned long long n = strtoull(s, &end, 10);
+  int shift = 0;
+  if (end == s || s[0] == '-')
+    return 0;
+  switch (*end) {
+    case 'K': case 'k': shift = 10; end++; break;
+    case 'M': case 'm': shift = 20; end++; break;
+    case 'G': case 'g': shift = 30; end++; break;
+  }
+  if (*end != '\0' || n > (SIZE_MAX >> shift))
+    return 0;
+  return (size_t)n << shift;
+}
+
 int main(int argc, char **argv) {
   lua_State *L;
   int script = 1, nargs, i, status;
+  size_t max_memory = 0;
   uv_signal_t sigint, sigterm;
 
   while (script < argc && argv[script][0] == '-') {
@@ -146,6 +167,15 @@ int main(int argc, char **argv) {
       printf("%s (%s, libuv %s)\n", LUAHOST_VERSION, LUA_RELEASE,
              uv_version_string());
       return 0;
+    } else if (strcmp(opt, "--max-memory") == 0) {
+      if (script + 1 >= argc || (max_memory = parse_size(argv[script + 1]))
+          == 0) {
+        fprintf(stderr, "%s: --max-memory wants a size (e.g. 64M)\n",
+                progname);
+        return 2;
+      }
+      script += 2;
+      continue;
     } else if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
       usage(stdout);
       return 0;
@@ -168,7 +198,7 @@ int main(int argc, char **argv) {
   mallopt(M_MMAP_THRESHOLD, 1 << 20);
 
   lh_H.loop = uv_default_loop();
-  L = luaL_newstate();
+  L = lh_newstate(max_memory);
   if (L == NULL) {
     fprintf(stderr, "%s: cannot create the Lua state\n", progname);
     return 1;
@@ -183,6 +213,7 @@ int main(int argc, char **argv) {
   lua_setfield(L, -2, "so");
   lua_pop(L, 1);
   set_arg(L, argv, argc, script);
+  lh_error_init(L);
   lh_sched_init(L);
   lh_task_init(L);
 

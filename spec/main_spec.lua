@@ -139,6 +139,58 @@ describe("luahost", function()
     assert.equal("true\ntrue\ttrue\n", out)
   end)
 
+  it("refuses a spawn or a wait from a finalizer at exit, cleanly", function()
+    -- Finalizers run inside lua_close at exit: a spawn there used to
+    -- crash the host (and a sleep leaked its timer).
+    local path = script([[
+      local so = require "so"
+      keep = setmetatable({}, { __gc = function()
+        so.spawn(function() return "at once" end)
+      end })
+      keep1 = setmetatable({}, { __gc = function()
+        so.spawn(function() so.sleep(1) end)
+      end })
+      keep2 = setmetatable({}, { __gc = function() so.sleep(1) end })
+      print("done")
+    ]])
+    local code, out, err = luahost(path)
+    os.remove(path)
+    assert.equal(0, code, err)
+    assert.equal("done\n", out)
+    assert.equal("", err)
+  end)
+
+  it("exits 0 on SIGINT while the script sleeps, leaking nothing", function()
+    -- Under AddressSanitizer (CI) a leak makes the exit status 1.
+    local path = script([[
+      local so = require "so"
+      print("listening on 127.0.0.1:1")
+      io.stdout:flush()
+      so.sleep(30)
+    ]])
+    local proc = helper.start(path)
+    assert.equal(0, proc:stop("INT"))
+    assert.equal("", proc.stderr)
+    os.remove(path)
+  end)
+
+  it("caps the Lua heap with --max-memory, and checks the size", function()
+    local path = script([[
+      local ok, err = pcall(string.rep, "x", 64 * 1024 * 1024)
+      print(ok, err)
+    ]])
+    local code, out, err = luahost("--max-memory 16M " .. path)
+    assert.equal(0, code, err)
+    assert.equal("false\tnot enough memory\n", out)
+    code, out = luahost(path)
+    assert.equal(0, code)
+    assert.matches("^true", out)
+    os.remove(path)
+    code, _, err = luahost("--max-memory lots x.lua")
+    assert.equal(2, code)
+    assert.matches("%-%-max%-memory wants a size", err)
+  end)
+
   for _, sig in ipairs({ "INT", "TERM" }) do
     it("closes everything and exits 0 within a second on SIG" .. sig, function()
       local proc = helper.start("scripts/echo.lua")

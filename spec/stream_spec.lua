@@ -37,6 +37,82 @@ describe("so.read and so.write", function()
   before_each(function() before = helper.snapshot() end)
   after_each(function() helper.assert_clean(before) end)
 
+  it("survive running out of memory as bytes arrive: that read fails, nothing else",
+     function()
+    -- Under --max-memory the script fills the heap; the 256 KiB read
+    -- then cannot become a string. Before, that aborted the process
+    -- (PANIC: unprotected error in a libuv callback).
+    local path = os.tmpname()
+    local f = assert(io.open(path, "w"))
+    f:write([[
+      local so = require "so"
+      local l = assert(so.listen("127.0.0.1", 0))
+      local _, port = so.sockname(l)
+      local c = assert(so.connect("127.0.0.1", port))
+      local s = assert(l:accept())
+      local got = { a = false, b = false, c = false }
+      local reader = so.spawn(function() got.a, got.b, got.c = s:read() end)
+      local ticker = so.spawn(function() so.sleep(0.05) return "ticked" end)
+      local data = string.rep("y", 256 * 1024)
+      local hog = {}
+      local function fill(size)
+        while true do hog[#hog + 1] = string.rep("x", size) end
+      end
+      for _, size in ipairs { 65536, 4096, 256, 16 } do pcall(fill, size) end
+      c:write(data)
+      so.sleep(0.1)
+      hog = nil
+      collectgarbage()
+      print(got.a, got.b, got.c, select(2, so.join(ticker)))
+      print(s:read())  -- its bytes are gone: the conn keeps failing
+      print(c:write("still a conn"), so.stats().tasks)
+    ]])
+    f:close()
+    local code, out, err = helper.run(helper.luahost .. " --max-memory 4M "
+                                      .. path)
+    os.remove(path)
+    assert.equal(0, code, err)
+    assert.equal("nil\tENOMEM: not enough memory\tENOMEM\tticked\n"
+                 .. "nil\tENOMEM: not enough memory\tENOMEM\n"
+                 .. "true\t1\n", out)
+  end)
+
+  it("send the right bytes when finalizers write during a queued table write",
+     function()
+    -- A __gc that calls so.write (and fails: it cannot wait there) must
+    -- not touch the buffers of a table write being set up: stress it with
+    -- finalizers due while big table writes are anchored.
+    local c, s = pair()
+    local c2, s2 = pair()
+    local parts, garbage = {}, {}
+    for i = 1, 1024 do
+      parts[i] = string.rep(string.char(65 + i % 26), 4096)
+      garbage[i] = "G"
+    end
+    local expect = table.concat(parts)
+    local mt = { __gc = function() pcall(so.write, c2, garbage) end }
+    local drain = so.spawn(function() while s2:read() ~= "" do end end)
+    collectgarbage("generational", 1, 100)
+    for iter = 1, 20 do
+      local reader = so.spawn(function()
+        local got, n = {}, 0
+        while n < #expect do
+          local d = assert(s:read())
+          got[#got + 1] = d
+          n = n + #d
+        end
+        return table.concat(got)
+      end)
+      for _ = 1, 50 + iter do setmetatable({}, mt) end
+      assert(c:write(parts))
+      assert.is_true(helper.join(reader) == expect)
+    end
+    collectgarbage("incremental")
+    c2:close()
+    helper.join(drain)
+    c:close(); s:close(); s2:close()
+  end)
+
   it("carry bytes both ways, in order", function()
     local c, s = pair()
     assert.is_true(c:write("ping"))
@@ -451,6 +527,38 @@ describe("so.connect", function()
     c:close()
     s:close()
     l:close()
+  end)
+
+  it("tries the next address when the first refuses, with a fresh socket",
+     function()
+    -- A name with two addresses, 127.0.0.1 first: a hosts file of our own,
+    -- bind-mounted over /etc/hosts in a mount namespace of the child.
+    local hosts = os.tmpname()
+    local f = assert(io.open(hosts, "w"))
+    f:write("127.0.0.1 twoaddr.test\n127.0.0.2 twoaddr.test\n")
+    f:close()
+    local path = os.tmpname()
+    f = assert(io.open(path, "w"))
+    f:write([[
+      local so = require "so"
+      local first = assert(so.listen("127.0.0.1", 0))  -- finds a free port
+      local _, port = first:sockname()
+      first:close()  -- nothing listens on 127.0.0.1:port: refused
+      local l = assert(so.listen("127.0.0.2", port))
+      local acc = so.spawn(function() return l:accept() end)
+      local c = assert(so.connect("twoaddr.test", port, 5))
+      local _, s = so.join(acc)
+      assert(c:write("via the second"))
+      print(c:peername(), s:read(), so.stats().conns)
+    ]])
+    f:close()
+    local code, out, err = helper.run(string.format(
+      "unshare -m sh -c 'mount --bind %s /etc/hosts && exec %s %s'",
+      hosts, helper.luahost, path))
+    os.remove(hosts)
+    os.remove(path)
+    assert.equal(0, code, err)
+    assert.equal("127.0.0.2\tvia the second\t2\n", out)
   end)
 
   it("returns the resolver's error for an unknown host", function()
