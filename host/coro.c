@@ -15,7 +15,8 @@
 */
 #include "luahost.h"
 
-static int resume(lua_State *L, lua_State *co, int nargs, int wrap);
+static int resume(lua_State *L, lua_State *co, int nargs, int wrap,
+                  int again);
 
 enum { CO_RUNNING, CO_SUSPENDED, CO_NORMAL, CO_DEAD };
 
@@ -56,15 +57,54 @@ static int k_resume(lua_State *L, int status, lua_KContext ctx) {
   lua_State *co = lua_tothread(L, wrap ? lua_upvalueindex(1) : 1);
   (void)status;
   LH_EXTRA(co) &= ~LH_WAITING;
-  return resume(L, co, lua_gettop(L) - base, wrap);
+  return resume(L, co, lua_gettop(L) - base, wrap, base);
+}
+
+#define DEADLINES "luahost.deadlines"
+
+/*
+** A so.deadline belongs to the code inside its function: when that code
+** is a coroutine that yields out (a generator), the resumer goes on under
+** its own deadline, and the coroutine gets its own back when resumed.
+** What a coroutine keeps is in a weak table, flagged LH_OWNDL.
+*/
+static int64_t own_deadline(lua_State *L, lua_State *co, int64_t outer) {
+  int64_t d;
+  lua_getfield(L, LUA_REGISTRYINDEX, DEADLINES);
+  lua_pushthread(co);
+  lua_xmove(co, L, 1);
+  lua_rawget(L, -2);
+  d = (int64_t)lua_tointeger(L, -1);
+  lua_pop(L, 2);
+  return (outer >= 0 && outer < d) ? outer : d;
+}
+
+static void keep_deadline(lua_State *L, lua_State *co, int64_t d) {
+  luaL_checkstack(L, 4, NULL);
+  if (luaL_getsubtable(L, LUA_REGISTRYINDEX, DEADLINES) == 0) {
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_pushvalue(L, -1);
+    lua_setmetatable(L, -2);
+  }
+  lua_pushthread(co);
+  lua_xmove(co, L, 1);
+  lua_pushinteger(L, (lua_Integer)d);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
 }
 
 /*
 ** Resumes co with the nargs values on top of L, as lcorolib's auxresume
 ** does, and returns what coroutine.resume (or a wrap function) returns.
+** `again` (the stack index of the saved deadline) when k_resume resumes
+** co after a wait it passed up, else 0.
 */
-static int resume(lua_State *L, lua_State *co, int nargs, int wrap) {
+static int resume(lua_State *L, lua_State *co, int nargs, int wrap,
+                  int again) {
   uintptr_t mine = LH_EXTRA(L) & ~LH_EXTRA_TAGS;
+  lh_task *task = (lh_task *)mine;
+  int64_t outer = -1;
   /* Only a suspended coroutine is retagged: a running or normal one (this
      very chain of resumes) keeps its tag, and lua_resume refuses it. */
   int suspended = costatus(L, co) == CO_SUSPENDED;
@@ -74,10 +114,16 @@ static int resume(lua_State *L, lua_State *co, int nargs, int wrap) {
     status = LUA_ERRRUN;
     goto failed;
   }
+  if (task != NULL) {
+    outer = again ? (int64_t)lua_tointeger(L, again) : task->deadline;
+    if (!again && (LH_EXTRA(co) & LH_OWNDL))
+      task->deadline = own_deadline(L, co, outer);
+  }
   lua_xmove(L, co, nargs);
   /* Inside a task, and able to pass a yield up: co may wait too. */
   if (suspended)
-    LH_EXTRA(co) = (mine != 0 && lua_isyieldable(L)) ? (mine | LH_NESTED) : 0;
+    LH_EXTRA(co) = ((mine != 0 && lua_isyieldable(L)) ? (mine | LH_NESTED)
+                    : 0) | (LH_EXTRA(co) & LH_OWNDL);
   status = lua_resume(co, L, nargs, &nres);
   if (status == LUA_YIELD && lh_yieldkind(co, nres) != LH_YIELD_PLAIN) {
     /* A yield of the host's: co is tagged, so L could yield when it
@@ -92,12 +138,22 @@ static int resume(lua_State *L, lua_State *co, int nargs, int wrap) {
       return lh_unwind(L);
     }
     LH_EXTRA(co) |= LH_WAITING;
+    if (!again)
+      lua_pushinteger(L, (lua_Integer)outer);  /* kept for after the wait */
     lua_xmove(co, L, 1);  /* the marker: pass the wait up */
     return lua_yieldk(L, 1, (lua_KContext)(lua_gettop(L) - 1) << 1 | wrap,
                       k_resume);
   }
-  if (suspended)
-    LH_EXTRA(co) = 0;  /* whoever resumes it next says what it is */
+  if (task != NULL) {  /* co is out of the way: the resumer's deadline */
+    if (status == LUA_YIELD && task->deadline != outer) {
+      keep_deadline(L, co, task->deadline);
+      LH_EXTRA(co) |= LH_OWNDL;
+    } else
+      LH_EXTRA(co) &= ~LH_OWNDL;
+    task->deadline = outer;
+  }
+  if (suspended)  /* whoever resumes it next says what it is */
+    LH_EXTRA(co) &= LH_OWNDL;
   if (status == LUA_OK || status == LUA_YIELD) {
     if (!lua_checkstack(L, nres + 1)) {
       lua_pop(co, nres);
@@ -145,13 +201,13 @@ static int co_resume(lua_State *L) {
                    : "cannot resume a coroutine that waits in the host");
     return 2;
   }
-  return resume(L, co, lua_gettop(L) - 1, 0);
+  return resume(L, co, lua_gettop(L) - 1, 0, 0);
 }
 
 static int co_wrapped(lua_State *L) {
   lua_State *co = lua_tothread(L, lua_upvalueindex(1));
   checkco(L, co, "resume");
-  return resume(L, co, lua_gettop(L), 1);
+  return resume(L, co, lua_gettop(L), 1, 0);
 }
 
 static int co_wrap(lua_State *L) {

@@ -41,13 +41,13 @@ static void on_connection(uv_stream_t *server, int status) {
   if (status < 0 || lh_H.L == NULL)
     return;
   l->flags |= LH_SOCK_PENDING;
-  t = l->acceptors;
+  t = l->w.acceptors.head;
   if (t == NULL)
     return;  /* libuv stops polling until a task accepts */
-  l->acceptors = t->next;
+  l->w.acceptors.head = t->next;
   t->next = NULL;
-  if (l->acceptors == NULL) {
-    l->acceptors_tail = &l->acceptors;
+  if (l->w.acceptors.head == NULL) {
+    l->w.acceptors.tail = &l->w.acceptors.head;
     uv_unref((uv_handle_t *)&l->tcp);
   }
   /* Out of memory for the conn's userdata, the task gets ENOMEM and the
@@ -61,16 +61,16 @@ static void on_connection(uv_stream_t *server, int status) {
 
 static void cancel_accept(lh_task *t) {
   lh_sock *l = t->wait.on;
-  lh_task **p = &l->acceptors;
+  lh_task **p = &l->w.acceptors.head;
   while (*p != NULL && *p != t)
     p = &(*p)->next;
   if (*p == t) {
     *p = t->next;
     if (*p == NULL)
-      l->acceptors_tail = p;
+      l->w.acceptors.tail = p;
   }
   t->next = NULL;
-  if (l->acceptors == NULL)
+  if (l->w.acceptors.head == NULL)
     uv_unref((uv_handle_t *)&l->tcp);
 }
 
@@ -86,8 +86,8 @@ static int so_accept(lua_State *L) {
   if (l->flags & LH_SOCK_PENDING)
     return accept_conn(L, l);
   t->next = NULL;
-  *l->acceptors_tail = t;
-  l->acceptors_tail = &t->next;
+  *l->w.acceptors.tail = t;
+  l->w.acceptors.tail = &t->next;
   uv_ref((uv_handle_t *)&l->tcp);
   return lh_wait(L, t, &accept_kind, l, l->timeout);
 }

@@ -63,7 +63,6 @@ typedef struct lh_waitrec {
   int heapidx;              /* place in the deadline heap, -1 if none */
   int base;                 /* the waiting C function's stack top */
   int err;                  /* the outcome when it failed: a libuv code */
-  unsigned char by_deadline;/* the deadline is so.deadline's, not the op's */
 } lh_waitrec;
 
 /*
@@ -77,8 +76,12 @@ struct lh_task {
   uint64_t tag;           /* LH_TAG_TASK: see lh_checkobj */
   lua_State *co;          /* the thread */
   lh_task *next;          /* link: ready queue, or a list of waiters */
-  lh_task *joiners;       /* tasks waiting in so.join for this one */
-  struct lh_first *first; /* the so.first that started it, if any */
+  /* Who waits for it to end: a task so.first started has no handle a
+     script could join, so it has its so.first and no joiners. */
+  union {
+    lh_task *joiners;       /* tasks waiting in so.join for this one */
+    struct lh_first *first; /* with `in_first`: the so.first that started it */
+  } u;
   lh_waitrec wait;          /* what it waits on now */
   int64_t deadline;       /* so.deadline in force (loop ms), or -1 */
   int ref;                /* registry ref to this userdata while alive */
@@ -86,6 +89,8 @@ struct lh_task {
   unsigned char status;   /* LH_TASK_* */
   unsigned char queued;   /* in the ready queue? */
   unsigned char cancelling; /* so.cancel asked it to end */
+  unsigned char in_first;   /* started by so.first (see u) */
+  unsigned char by_deadline;/* its wait's deadline is so.deadline's */
 };
 
 enum {
@@ -119,7 +124,8 @@ typedef struct lh_first {
 #define LH_EXTRA(L) (*(uintptr_t *)lua_getextraspace(L))
 #define LH_NESTED ((uintptr_t)1)
 #define LH_WAITING ((uintptr_t)2)
-#define LH_EXTRA_TAGS (LH_NESTED | LH_WAITING)
+#define LH_OWNDL ((uintptr_t)4)  /* has a so.deadline of its own, kept */
+#define LH_EXTRA_TAGS (LH_NESTED | LH_WAITING | LH_OWNDL)
 
 /* What the host yields (a light userdata): a wait, or a cancel unwinding. */
 enum { LH_YIELD_PLAIN, LH_YIELD_WAIT, LH_YIELD_CANCEL };
@@ -133,9 +139,12 @@ typedef struct lh_sock {
   unsigned flags;         /* LH_SOCK_* */
   int err;                /* sticky read error (libuv code), 0 if none */
   int64_t timeout;        /* ms for reads/writes/accepts, -1 for none */
-  lh_task *reader;        /* conn: the task waiting in so.read */
-  lh_task *acceptors;     /* listener: tasks waiting in so.accept (FIFO) */
-  lh_task **acceptors_tail;
+  union {
+    lh_task *reader;      /* conn: the task waiting in so.read */
+    struct {              /* listener: tasks waiting in so.accept (FIFO) */
+      lh_task *head, **tail;
+    } acceptors;
+  } w;
 } lh_sock;
 
 enum {

@@ -224,7 +224,7 @@ static int timeout_error(const lh_waitkind *kind) {
 
 static void expire(lh_task *t) {
   const lh_waitkind *kind = t->wait.kind;
-  if ((kind->flags & LH_WAIT_ENDS) && !t->wait.by_deadline) {
+  if ((kind->flags & LH_WAIT_ENDS) && !t->by_deadline) {
     lh_resume(t, 0);  /* so.sleep: the time has come */
     return;
   }
@@ -260,16 +260,26 @@ int lh_expired(lh_task *t) {
 }
 
 /*
-** An active idle handle only makes the loop's poll non-blocking while
-** tasks are queued; the queue itself runs in the check phase.
+** The loop turn a queued task was queued in, as its `queued` byte: 1 or 2
+** by the turn's parity. The queue only ever holds tasks of this turn and
+** the one before (on_ready runs all of those), so parity tells them apart.
+*/
+static unsigned turn;
+#define QUEUED_NOW (1 + (turn & 1))
+
+/*
+** The idle handle is active while tasks are queued: it keeps the loop's
+** poll from blocking, and counts the turns, before each poll. The queue
+** itself runs in the check phase, after the poll.
 */
 static void on_idle(uv_idle_t *idle) {
   (void)idle;
+  turn++;
 }
 
 static void ready_push(lh_task *t, int nargs) {
   t->nargs = nargs;
-  t->queued = 1;
+  t->queued = QUEUED_NOW;
   t->next = NULL;
   if (lh_H.ready_tail)
     lh_H.ready_tail->next = t;
@@ -316,7 +326,7 @@ int lh_wait(lua_State *L, lh_task *t, const lh_waitkind *kind, void *on,
   w->kind = kind;
   w->on = on;
   w->err = 0;
-  w->by_deadline = 0;
+  t->by_deadline = 0;
   if (t->cancelling) {  /* asked to end while it ran: now is the time */
     abandon(t);
     return lh_unwind(L);
@@ -325,9 +335,9 @@ int lh_wait(lua_State *L, lh_task *t, const lh_waitkind *kind, void *on,
     int64_t now = lh_now();
     if (timeout_ms >= 0)
       d = now + timeout_ms;
-    if (t->deadline >= 0 && (d < 0 || t->deadline < d)) {
+    if (t->deadline >= 0 && (d < 0 || t->deadline <= d)) {
       d = t->deadline;
-      w->by_deadline = 1;
+      t->by_deadline = 1;
       if (d <= now) {
         abandon(t);
         return lh_pusherror(L, timeout_error(kind));
@@ -417,12 +427,16 @@ void lh_resume_status(lh_task *t, int status) {
   }
 }
 
+/*
+** Runs the queued tasks that were queued before this loop turn's poll:
+** those queued since (by callbacks in this turn's poll, or by the tasks
+** run here) wait for the next turn, after the next poll and timers. So a
+** task that yields or sleeps 0 in a loop cannot starve I/O or timers.
+*/
 static void on_ready(uv_check_t *check) {
-  lh_task *last = lh_H.ready_tail;
   (void)check;
-  /* Run what is queued now; what these tasks queue runs next turn, so a
-     task that yields in a loop cannot starve the network. */
-  while (lh_H.ready_head != NULL && lh_H.L != NULL) {
+  while (lh_H.ready_head != NULL && lh_H.L != NULL &&
+         lh_H.ready_head->queued != QUEUED_NOW) {
     lh_task *t = lh_H.ready_head;
     lh_H.ready_head = t->next;
     if (lh_H.ready_head == NULL)
@@ -431,8 +445,6 @@ static void on_ready(uv_check_t *check) {
     t->next = NULL;
     wait_end(t);  /* so.sleep(0) waited in the queue itself */
     run(t, t->nargs, lh_H.L);
-    if (t == last)
-      break;
   }
   if (lh_H.ready_head == NULL)
     uv_idle_stop(&lh_H.ready_idle);
@@ -495,8 +507,9 @@ int lh_push_results(lua_State *to, lh_task *t) {
 ** last (then so.first gets ECANCELED).
 */
 static void first_task_ended(lh_task *t) {
-  struct lh_first *f = t->first;
-  t->first = NULL;
+  struct lh_first *f = t->u.first;
+  t->u.first = NULL;
+  t->in_first = 0;
   f->live--;
   if (f->winner != NULL)
     return;
@@ -518,10 +531,10 @@ static void first_task_ended(lh_task *t) {
 ** Wakes every task waiting in so.join with true, results... or false, err.
 */
 static void wake_joiners(lh_task *t) {
-  while (t->joiners != NULL) {
-    lh_task *j = t->joiners;
+  while (t->u.joiners != NULL) {
+    lh_task *j = t->u.joiners;
     int n;
-    t->joiners = j->next;
+    t->u.joiners = j->next;
     j->next = NULL;
     n = lh_push_results(j->co, t);
     if (n < 0)
@@ -594,8 +607,9 @@ static void report(lua_State *L, lua_State *co, lh_task *t,
 ** longer anchored (collectable once unreachable).
 */
 static void release(lh_task *t) {
-  wake_joiners(t);
-  if (t->first != NULL)
+  if (!t->in_first)
+    wake_joiners(t);
+  else if (t->u.first != NULL)
     first_task_ended(t);
   luaL_unref(lh_H.L, LUA_REGISTRYINDEX, t->ref);
   t->ref = LUA_NOREF;
@@ -642,7 +656,9 @@ static void end_cancelled(lh_task *t) {
 ** so.join or so.first will get is theirs to handle.
 */
 static int handled(lh_task *t) {
-  return t->joiners != NULL || (t->first != NULL && t->first->winner == NULL);
+  if (t->in_first)  /* while so.first runs, its tasks are its business */
+    return t->u.first != NULL;
+  return t->u.joiners != NULL;
 }
 
 static void finish(lh_task *t, int status, int nres) {
@@ -762,6 +778,8 @@ int lh_cancel(lua_State *L, lh_task *t) {
 lh_task *lh_newtask(lua_State *L, int fn) {
   lua_Debug ar;
   lh_task *t;
+  int level;
+  ar.currentline = -1;
   fn = lua_absindex(L, fn);
   luaL_checkstack(L, 4, NULL);
   t = lua_newuserdatauv(L, sizeof *t, 2);  /* ud */
@@ -772,9 +790,12 @@ lh_task *lh_newtask(lua_State *L, int fn) {
   t->wait.heapidx = -1;
   t->wait.deadline = -1;
   luaL_setmetatable(L, LH_TASK_TNAME);
-  /* Where it was started, for its error report and so.tasks. */
-  if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "Sl", &ar) &&
-      ar.currentline > 0)
+  /* Where it was started, for its error report and so.tasks: the nearest
+     Lua function up the stack (so.spawn may be called through pcall). */
+  for (level = 1; lua_getstack(L, level, &ar) && level < 8; level++)
+    if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0)
+      break;
+  if (level < 8 && ar.currentline > 0)
     lua_pushfstring(L, "%s:%d", ar.short_src, ar.currentline);
   else
     lua_pushliteral(L, "?");

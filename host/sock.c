@@ -70,7 +70,8 @@ static lh_sock *sock_alloc(unsigned flags) {
   memset(s, 0, sizeof *s);
   s->flags = flags;
   s->timeout = -1;
-  s->acceptors_tail = &s->acceptors;
+  if (flags & LH_SOCK_LISTENER)
+    s->w.acceptors.tail = &s->w.acceptors.head;
   if (uv_tcp_init(lh_H.loop, &s->tcp) < 0) {
     free(s);
     return NULL;
@@ -121,16 +122,20 @@ int lh_sock_renew(lh_sockref *ref) {
 ** from the ready queue, since this runs inside the closing task.
 */
 static void cancel_waiters(lh_sock *s) {
-  lh_task *t = s->reader;
-  s->reader = NULL;
-  if (t != NULL)
-    lh_wake_err(t, UV_ECANCELED);
-  while ((t = s->acceptors) != NULL) {
-    s->acceptors = t->next;
+  lh_task *t;
+  if (!(s->flags & LH_SOCK_LISTENER)) {
+    t = s->w.reader;
+    s->w.reader = NULL;
+    if (t != NULL)
+      lh_wake_err(t, UV_ECANCELED);
+    return;
+  }
+  while ((t = s->w.acceptors.head) != NULL) {
+    s->w.acceptors.head = t->next;
     t->next = NULL;
     lh_wake_err(t, UV_ECANCELED);
   }
-  s->acceptors_tail = &s->acceptors;
+  s->w.acceptors.tail = &s->w.acceptors.head;
 }
 
 /*

@@ -54,7 +54,7 @@ static int push_read(lua_State *L) {
 
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   lh_sock *s = (lh_sock *)stream;
-  lh_task *t = s->reader;
+  lh_task *t = s->w.reader;
   if (nread == 0)  /* EAGAIN: nothing this time */
     return;
   if (t == NULL || lh_H.L == NULL) {
@@ -66,7 +66,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
     stop_reading(s);
     return;
   }
-  s->reader = NULL;
+  s->w.reader = NULL;
   if (nread > 0 || nread == UV_EOF) {
     /* The string is made under protection: out of memory, this read
        fails and the conn with it (its bytes are gone), nothing else. */
@@ -85,13 +85,13 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   }
   /* The task is often back in so.read already: then keep reading, which
      saves the two epoll_ctl calls of a stop and a start. */
-  if (s->reader == NULL && !uv_is_closing((uv_handle_t *)stream))
+  if (s->w.reader == NULL && !uv_is_closing((uv_handle_t *)stream))
     stop_reading(s);
 }
 
 static void cancel_read(lh_task *t) {
   lh_sock *s = t->wait.on;
-  s->reader = NULL;
+  s->w.reader = NULL;
   stop_reading(s);
 }
 
@@ -104,7 +104,7 @@ static const lh_waitkind read_kind = {"read", cancel_read, NULL, LH_WAIT_NET};
 static int so_read(lua_State *L) {
   lh_sock *s = lh_checkconn(L, 1);
   lh_task *t;
-  if (s->reader != NULL)
+  if (s->w.reader != NULL)
     return luaL_error(L, "conn is already being read by another task");
   t = lh_checktask_caller(L, "read");
   if (s->err != 0)
@@ -119,7 +119,7 @@ static int so_read(lua_State *L) {
       return lh_pusherror(L, err);
     s->flags |= LH_SOCK_READING;
   }
-  s->reader = t;
+  s->w.reader = t;
   return lh_wait(L, t, &read_kind, s, s->timeout);
 }
 

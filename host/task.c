@@ -33,7 +33,7 @@ static int so_spawn(lua_State *L) {
 
 static void cancel_join(lh_task *self) {
   lh_task *t = self->wait.on;  /* the task being joined */
-  lh_task **p = &t->joiners;
+  lh_task **p = &t->u.joiners;
   while (*p != NULL && *p != self)
     p = &(*p)->next;
   if (*p == self)
@@ -61,8 +61,8 @@ static int so_join(lua_State *L) {
   }
   self = lh_checktask_caller(L, "join");
   luaL_argcheck(L, self != t, 1, "a task cannot join itself");
-  self->next = t->joiners;
-  t->joiners = self;
+  self->next = t->u.joiners;
+  t->u.joiners = self;
   return lh_wait(L, self, &join_kind, t, timeout);
 }
 
@@ -144,8 +144,8 @@ static void cancel_all(lua_State *L, lh_first *f) {
   f->waiter = NULL;
   for (i = 0; i < f->n; i++) {
     lh_task *c = f->tasks[i];
-    if (c->first == f) {
-      c->first = NULL;
+    if (c->in_first && c->u.first == f) {
+      c->u.first = NULL;
       lh_cancel(L, c);
     }
   }
@@ -212,7 +212,8 @@ static int so_first(lua_State *L) {
   lua_toclose(L, 1);  /* however so.first ends, its tasks end with it */
   for (i = 2; i <= n + 1 && f->winner == NULL; i++) {
     lh_task *c = lh_newtask(L, i);  /* ... handle: anchors c */
-    c->first = f;
+    c->in_first = 1;
+    c->u.first = f;
     f->tasks[f->n++] = c;
     f->live++;
     lh_start(L, c, 0);

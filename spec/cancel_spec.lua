@@ -22,15 +22,19 @@ local function pair()
 end
 
 -- Writes until a write is blocked for `seconds` (nobody reads the peer).
+-- Returns how many bytes it wrote, the one that timed out included (it
+-- still goes out).
 local function fill(conn, seconds)
   local chunk = string.rep("x", 1024 * 1024)
+  local sent = 0
   conn:settimeout(seconds)
   for _ = 1, 1024 do
     local ok, err, name = conn:write(chunk)
+    sent = sent + #chunk
     if not ok then
       assert.equal("ETIMEDOUT", name, err)
       conn:settimeout(LIMIT)
-      return
+      return sent
     end
   end
   error("the write never blocked")
@@ -128,22 +132,35 @@ describe("so.cancel of a waiting task", function()
   it("ends a blocked write, and the write's late completion never resumes it",
      function()
     local c, s = pair()
-    fill(c, 0.1)
-    local state = {}
+    local sent = fill(c, 0.1)
+    local log, state = {}, {}
     local t = so.spawn(function()
+      local _ <close> = closer(log, "a")
+      local _ <close> = closer(log, "b")
       state.res = { c:write(string.rep("w", 1024 * 1024)) }
       state.after = true
     end)
     so.sleep(0.02)
     assert.is_nil(state.res)  -- still blocked
     cancel_waiting(t, state)
+    assert.same({ "b", "a" }, log)
     -- The peer reads everything: the queued writes complete now, none
     -- resumes the cancelled task, and the conn takes new writes in order.
-    local reader = so.spawn(function() return drain(s, 0.5) end)
+    -- The cancelled write still went out (only its waiting ended).
+    local reader = so.spawn(function()
+      local total, tail = 0, ""
+      while true do
+        local d = assert(s:read())
+        if d == "" then return total, tail end
+        total = total + #d
+        tail = (tail .. d):sub(-4)
+      end
+    end)
     assert.is_true(c:write("end"))
     assert.is_true(c:shutdown())
-    local got = helper.join(reader)
-    assert.equal("end", got:sub(-3))
+    local total, tail = helper.join(reader)
+    assert.equal("wend", tail)
+    assert.equal(sent + 1024 * 1024 + 3, total)
     so.sleep(0.02)
     assert.is_nil(state.after)
     c:close()
@@ -172,12 +189,13 @@ describe("so.cancel of a waiting task", function()
     local h, p = l:sockname()
     local log, state = {}, {}
     local t = so.spawn(function()
-      local _ <close> = closer(log, "x")
+      local _ <close> = closer(log, "a")
+      local _ <close> = closer(log, "b")
       state.conn = l:accept()
       state.after = true
     end)
     cancel_waiting(t, state)
-    assert.same({ "x" }, log)
+    assert.same({ "b", "a" }, log)
     local c = assert(so.connect(h, p))
     so.sleep(0.02)
     assert.is_nil(state.conn)
@@ -193,13 +211,16 @@ describe("so.cancel of a waiting task", function()
 
   it("ends an accept whose task closes the listener", function()
     local l = assert(so.listen("127.0.0.1", 0))
-    local state = {}
+    local log, state = {}, {}
     local t = so.spawn(function()
+      local _ <close> = closer(log, "a")
       local lis <close> = l
+      local _ <close> = closer(log, "b")
       state.conn = lis:accept()
       state.after = true
     end)
     cancel_waiting(t, state)
+    assert.same({ "b", "a" }, log)
     assert.matches("^listener %(closed%)", tostring(l))
   end)
 
@@ -208,12 +229,13 @@ describe("so.cancel of a waiting task", function()
     local h, p = l:sockname()
     local log, state = {}, {}
     local t = so.spawn(function()
-      local _ <close> = closer(log, "x")
+      local _ <close> = closer(log, "a")
+      local _ <close> = closer(log, "b")
       state.conn = so.connect(h, p)
       state.after = true
     end)
     cancel_waiting(t, state)
-    assert.same({ "x" }, log)
+    assert.same({ "b", "a" }, log)
     assert.is_nil(state.conn)
     assert.equal(0, so.stats().conns - before.conns)
     -- The kernel may have made the connection before the cancel: then the
@@ -242,8 +264,10 @@ describe("so.cancel of a waiting task", function()
       conns[#conns + 1] = c
       assert(#conns < 16, "the backlog never filled")
     end
-    local state = {}
+    local log, state = {}, {}
     local t = so.spawn(function()
+      local _ <close> = closer(log, "a")
+      local _ <close> = closer(log, "b")
       state.conn = so.connect(h, p)
       state.after = true
     end)
@@ -251,6 +275,7 @@ describe("so.cancel of a waiting task", function()
     assert.is_nil(state.conn)  -- it hangs
     local open = so.stats().conns
     cancel_waiting(t, state)
+    assert.same({ "b", "a" }, log)
     assert.equal(open - 1, so.stats().conns)  -- the conn it was making
     for _, c in ipairs(conns) do c:close() end
     l:close()
@@ -259,14 +284,17 @@ describe("so.cancel of a waiting task", function()
   it("ends a shutdown waiting behind a blocked write", function()
     local c, s = pair()
     fill(c, 0.1)  -- the write that timed out is still queued
-    local state = {}
+    local log, state = {}, {}
     local t = so.spawn(function()
+      local _ <close> = closer(log, "a")
+      local _ <close> = closer(log, "b")
       state.res = { c:shutdown() }
       state.after = true
     end)
     so.sleep(0.02)
     assert.is_nil(state.res)  -- waits for the queued write
     cancel_waiting(t, state)
+    assert.same({ "b", "a" }, log)
     -- the peer drains: the shutdown completes in libuv, and resumes nobody
     drain(s, 0.3)
     so.sleep(0.02)
@@ -297,12 +325,13 @@ describe("so.cancel of a waiting task", function()
     local target = so.spawn(function() so.sleep(0.05); return "x" end)
     local log, state = {}, {}
     local t = so.spawn(function()
-      local _ <close> = closer(log, "j")
+      local _ <close> = closer(log, "a")
+      local _ <close> = closer(log, "b")
       state.res = { so.join(target) }
       state.after = true
     end)
     cancel_waiting(t, state)
-    assert.same({ "j" }, log)
+    assert.same({ "b", "a" }, log)
     assert.same({ true, "x" }, { so.join(target, 1) })
     so.sleep(0.02)
     assert.is_nil(state.after)
@@ -621,6 +650,48 @@ describe("so.cancel racing with the completion of the same wait", function()
       assert.matches("^conn %(closed%)", tostring(s))
       c:close()
     end
+  end)
+
+  it("write: cancelled as the peer drains it, 200 times, the stream goes on",
+     function()
+    local c, s = pair()
+    fill(c, 0.1)  -- from now on each write waits for the peer to read
+    -- the peer reads all the time, one read a loop turn, until the end mark
+    local reader = so.spawn(function()
+      local tail = ""
+      while true do
+        local d = assert(s:read())
+        if d == "" then return tail end
+        tail = (tail .. d):sub(-3)
+        so.sleep(0)
+      end
+    end)
+    local chunk = string.rep("w", 256 * 1024)
+    local ran_after, cancelled = {}, 0
+    for i = 1, 200 do
+      local t = so.spawn(function()
+        local ok = c:write(chunk)
+        ran_after[i] = true
+        return ok
+      end)
+      delays[i % #delays + 1]()
+      if so.cancel(t) then
+        cancelled = cancelled + 1
+        assert.same({ false, "cancelled" }, { so.join(t) })
+      else
+        assert.same({ true, true }, { so.join(t, 2) })
+      end
+    end
+    assert.is_true(cancelled > 0)
+    assert.is_true(c:write("END"))
+    assert.is_true(c:shutdown())
+    assert.equal("END", helper.join(reader, 5))
+    so.sleep(0.02)
+    local n = 0
+    for _ in pairs(ran_after) do n = n + 1 end
+    assert.equal(200 - cancelled, n)  -- no cancelled write ran on
+    c:close()
+    s:close()
   end)
 
   it("connect: cancelled as it completes, 200 times, leaves no conn", function()

@@ -251,9 +251,20 @@ describe("so.first", function()
     local c, s = pair()
     local log = {}
     local t0 = so.now()
-    local r = table.pack(so.deadline(0.05, so.first,
-      function() local _ <close> = closer(log, "reader"); return c:read() end,
-      function() local _ <close> = closer(log, "sleeper"); so.sleep(1); return "slept" end))
+    -- in a task of its own: a deadline that outlived so.deadline (a bug)
+    -- would make every later wait of busted's task fail at once
+    local r = table.pack(helper.join(so.spawn(function()
+      return so.deadline(0.05, so.first,
+        function()
+          local _ <close> = closer(log, "reader")
+          return c:read()
+        end,
+        function()
+          local _ <close> = closer(log, "sleeper")
+          so.sleep(1)
+          return "slept"
+        end)
+    end), 5))
     local took = so.now() - t0
     assert.same({ nil, "ETIMEDOUT: timed out", "ETIMEDOUT" }, results(r))
     assert.is_true(took >= 0.04 and took < 0.5, took)
@@ -288,6 +299,7 @@ describe("so.first", function()
     assert.equal(3, so.stats().tasks - before.tasks)
     assert.is_true(so.cancel(t))
     assert.equal(0, so.stats().tasks - before.tasks)
+    assert.equal("caller", log[3])  -- the tasks so.first started end first
     table.sort(log)
     assert.same({ "caller", "reader", "sleeper" }, log)
     assert.same({ false, "cancelled" }, { so.join(t) })
