@@ -90,6 +90,7 @@ struct lh_task {
   unsigned char queued;   /* in the ready queue? */
   unsigned char cancelling; /* so.cancel asked it to end */
   unsigned char in_first;   /* started by so.first (see u) */
+  unsigned char held;       /* a so.first loser: its wait abandoned */
   unsigned char by_deadline;/* its wait's deadline is so.deadline's */
 };
 

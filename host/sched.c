@@ -513,9 +513,24 @@ static void first_task_ended(lh_task *t) {
   f->live--;
   if (f->winner != NULL)
     return;
-  if (t->status != LH_TASK_CANCELLED)
+  if (t->status != LH_TASK_CANCELLED) {
+    int i;
     f->winner = t;
-  else if (f->live > 0)
+    /* The others lost: their waits end now, so that nothing they wait
+       for (a read's bytes, a connection) is taken before so.first's
+       caller runs and cancels them. */
+    for (i = 0; i < f->n; i++) {
+      lh_task *c = f->tasks[i];
+      if (c == t || lh_task_ended(c) || c->status == LH_TASK_RUNNING)
+        continue;
+      abandon(c);
+      if (c->queued) {
+        ready_remove(c);
+        lua_pop(c->co, c->nargs);
+      }
+      c->held = 1;
+    }
+  } else if (f->live > 0)
     return;
   if (f->waiter != NULL) {
     lh_task *w = f->waiter;
@@ -748,7 +763,7 @@ int lh_cancel(lua_State *L, lh_task *t) {
     case LH_TASK_WAITING:
       if (t->wait.kind != NULL)
         abandon(t);
-      else if (!t->queued)
+      else if (!t->queued && !t->held)
         return 1;  /* a callback is resuming it right now: k_wait unwinds */
       if (t->queued) {
         ready_remove(t);

@@ -64,7 +64,7 @@ local function luahost(source)
   local f = assert(io.open(path, "w"))
   f:write(source)
   f:close()
-  local code, out, err = helper.run(string.format("timeout 10 %s %s",
+  local code, out, err = helper.run(string.format("timeout -k 1 10 %s %s",
                                     helper.luahost, path))
   os.remove(path)
   return code, out, err
@@ -87,7 +87,7 @@ describe("so.cancel of a waiting task", function()
   before_each(function() before = helper.snapshot() end)
   after_each(function() helper.assert_clean(before) end)
 
-  it("ends a read, closes its <close> conn and runs its <close> variables in reverse order",
+  it("ends a read: its <close> conn closes, its <close> variables run reversed",
      function()
     local c, s = pair()
     local log, state = {}, {}
@@ -107,7 +107,8 @@ describe("so.cancel of a waiting task", function()
     c:close()
   end)
 
-  it("ends a read without losing a byte: the next reader gets them all", function()
+  it("ends a read without losing a byte: the next reader gets them all",
+     function()
     local c, s = pair()
     local state = {}
     local a = so.spawn(function()
@@ -184,7 +185,8 @@ describe("so.cancel of a waiting task", function()
     s:close()
   end)
 
-  it("ends an accept, and the next connection goes to the next acceptor", function()
+  it("ends an accept, and the next connection goes to the next acceptor",
+     function()
     local l = assert(so.listen("127.0.0.1", 0))
     local h, p = l:sockname()
     local log, state = {}, {}
@@ -224,7 +226,8 @@ describe("so.cancel of a waiting task", function()
     assert.matches("^listener %(closed%)", tostring(l))
   end)
 
-  it("ends a connect cancelled before its callback ran, leaving no conn", function()
+  it("ends a connect cancelled before its callback ran, leaving no conn",
+     function()
     local l = assert(so.listen("127.0.0.1", 0))
     local h, p = l:sockname()
     local log, state = {}, {}
@@ -353,7 +356,8 @@ describe("so.cancel of a waiting task", function()
     assert.same({ nil, "ETIMEDOUT: timed out", "ETIMEDOUT" }, { ch:recv() })
   end)
 
-  it("ends a channel recv, and the next value goes to the next receiver", function()
+  it("ends a channel recv, and the next value goes to the next receiver",
+     function()
     local ch = so.channel(1)
     local log, state = {}, {}
     local t = so.spawn(function()
@@ -403,7 +407,7 @@ describe("so.cancel of a waiting task", function()
     s:close()
   end)
 
-  it("closes a coroutine.wrap iterator's <close> variables before the task's own",
+  it("closes a wrapped iterator's <close> variables before the task's own",
      function()
     local c, s = pair()
     local log, state = {}, {}
@@ -424,7 +428,8 @@ describe("so.cancel of a waiting task", function()
       state.after = true
     end)
     assert.is_true(c:write("one"))
-    assert.is_true(helper.wait_until(function() return state.got == "one" end, 1))
+    assert.is_true(helper.wait_until(function() return state.got == "one" end,
+                                     1))
     cancel_waiting(t, state)
     assert.same({ "iterator", "task" }, log)
     assert.matches("^conn %(closed%)", tostring(s))
@@ -491,7 +496,8 @@ describe("so.cancel", function()
     c:close()
   end)
 
-  it("only marks a task that is on the C stack: it ends at its next wait", function()
+  it("only marks a task that is on the C stack: it ends at its next wait",
+     function()
     local log, state = {}, {}
     local outer
     outer = so.spawn(function()
@@ -509,7 +515,8 @@ describe("so.cancel", function()
     assert.same({ "outer" }, log)
   end)
 
-  it("only marks a task that is on the C stack: it ends at its next yield", function()
+  it("only marks a task that is on the C stack: it ends at its next yield",
+     function()
     local state = {}
     local outer
     outer = so.spawn(function()
@@ -525,7 +532,8 @@ describe("so.cancel", function()
     assert.is_nil(state.after)
   end)
 
-  it("cancels a task that has not waited yet, from a task it started", function()
+  it("cancels a task that has not waited yet, from a task it started",
+     function()
     -- the cancelling task ends normally; the cancelled one ends at its wait
     local l = assert(so.listen("127.0.0.1", 0))
     local state = {}
@@ -548,7 +556,8 @@ describe("so.cancel", function()
     local code, out, err = luahost([[
       local so = require "so"
       local t = so.spawn(function()
-        local _ <close> = setmetatable({}, { __close = function() print("closed") end })
+        local _ <close> = setmetatable({}, {
+          __close = function() print("closed") end })
         so.sleep(10)
       end)
       print(so.cancel(t))
@@ -627,7 +636,8 @@ describe("so.cancel racing with the completion of the same wait", function()
     ac:close(); as:close(); kc:close(); ks:close()
   end)
 
-  it("read: the cancelled reader's conn closed by <close>, 200 times", function()
+  it("read: the cancelled reader's conn closed by <close>, 200 times",
+     function()
     local ran_after = {}
     for i = 1, 200 do
       local c, s = pair()
@@ -731,7 +741,8 @@ describe("so.cancel racing with the completion of the same wait", function()
     l:close()
   end)
 
-  it("join: a woken joiner cancelled before it runs again, 200 times", function()
+  it("join: a woken joiner cancelled before it runs again, 200 times",
+     function()
     local ran_after, cancelled = {}, 0
     for i = 1, 200 do
       -- the target always waits, so that both joiners wait for it

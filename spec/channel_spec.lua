@@ -140,7 +140,9 @@ describe("so.channel", function()
     so.sleep(0.01)
     assert.equal(1, #ch)
     ch:close()
-    for i = 1, 3 do assert.same({ true, table.unpack(EPIPE) }, { so.join(ss[i], 1) }) end
+    for i = 1, 3 do
+      assert.same({ true, table.unpack(EPIPE) }, { so.join(ss[i], 1) })
+    end
     assert.same(EPIPE, { ch:send("after") })  -- and later senders at once
     assert.equal("kept", ch:recv())  -- the value queued before the close
     assert.is_nil(ch:recv())

@@ -32,7 +32,7 @@ local function luahost(source)
   local f = assert(io.open(path, "w"))
   f:write(source)
   f:close()
-  local code, out, err = helper.run(string.format("timeout 10 %s %s",
+  local code, out, err = helper.run(string.format("timeout -k 1 10 %s %s",
                                     helper.luahost, path))
   os.remove(path)
   return code, out, err
@@ -60,7 +60,8 @@ describe("so.first", function()
     assert.equal(1, r.n)
     assert.equal(2, r[1])
     -- one function
-    assert.same({ 1, "only" }, { so.first(function() so.sleep(0); return "only" end) })
+    assert.same({ 1, "only" },
+                { so.first(function() so.sleep(0); return "only" end) })
   end)
 
   it("runs each function in its own task", function()
@@ -118,7 +119,8 @@ describe("so.first", function()
     assert.same({ "3", "2", "1" }, log)
   end)
 
-  it("does not start the others when the first returns without waiting", function()
+  it("does not start the others when the first returns without waiting",
+     function()
     local started = {}
     local r = table.pack(so.first(
       function() return "now", "and", "here" end,
@@ -129,7 +131,7 @@ describe("so.first", function()
     assert.equal(0, so.stats().tasks - before.tasks)
   end)
 
-  it("lets the second win when it returns before waiting, after the first waits",
+  it("lets the second win when it returns before waiting, the first waiting",
      function()
     local log = {}
     local r = { so.first(
@@ -173,6 +175,50 @@ describe("so.first", function()
     s:close()
   end)
 
+  it("loses no byte of a losing read whose data is there at the same time",
+     function()
+    local a, pa = pair()
+    local b, pb = pair()
+    a:settimeout(0.5)
+    b:settimeout(0.5)
+    assert.is_true(pa:write("A"))
+    assert.is_true(pb:write("B"))
+    so.sleep(0.01)  -- both have arrived
+    local n, d = so.first(function() return a:read() end,
+                          function() return b:read() end)
+    local winner, loser = "A", { b, "B" }
+    if n == 2 then winner, loser = "B", { a, "A" } end
+    assert.equal(winner, d)
+    -- the loser was cancelled: its bytes are there for the next read
+    assert.same({ loser[2] }, { loser[1]:read() })
+    a:close(); pa:close(); b:close(); pb:close()
+  end)
+
+  it("loses no byte of a losing read whose data comes as the winner returns",
+     function()
+    local c, s = pair()
+    c:settimeout(0.5)
+    local lost
+    for i = 1, 20 do
+      -- The writer's timer and the winner's are due in the same timer
+      -- pass, the writer's first: the bytes reach c in the loop turn in
+      -- which the winner returns, before so.first's caller runs again.
+      local w = so.spawn(function() so.sleep(0.005); return s:write("x") end)
+      local n, d = so.first(function() so.sleep(0.005); return "timer" end,
+                            function() return c:read() end)
+      if n == 1 then d = c:read() end  -- the loser's read left it there
+      assert.same({ true, true }, { so.join(w, 1) })
+      if d ~= "x" then
+        lost = string.format("round %d: so.first gave %s, then the read %s",
+                             i, n, tostring(d))
+        break
+      end
+    end
+    assert.is_nil(lost)
+    c:close()
+    s:close()
+  end)
+
   it("raises in the caller an error raised in one, and cancels the others",
      function()
     local log = {}
@@ -185,8 +231,9 @@ describe("so.first", function()
     assert.equal(0, so.stats().tasks - before.tasks)
     -- an error value is kept as raised
     local E = {}
-    assert.same({ false, E }, { pcall(so.first, function() so.sleep(0); error(E) end,
-                                      function() so.sleep(1) end) })
+    assert.same({ false, E },
+                { pcall(so.first, function() so.sleep(0); error(E) end,
+                        function() so.sleep(1) end) })
     -- and raised without a wait, the others are not started
     local started = false
     ok, err = pcall(so.first, function() error("at once", 0) end,
@@ -247,7 +294,8 @@ describe("so.first", function()
     l:close()
   end)
 
-  it("returns nil, ETIMEDOUT under so.deadline, and cancels the functions", function()
+  it("returns nil, ETIMEDOUT under so.deadline, and cancels the functions",
+     function()
     local c, s = pair()
     local log = {}
     local t0 = so.now()

@@ -28,7 +28,7 @@ local function luahost(source)
   local f = assert(io.open(path, "w"))
   f:write(source)
   f:close()
-  local code, out, err = helper.run(string.format("timeout 10 %s %s",
+  local code, out, err = helper.run(string.format("timeout -k 1 10 %s %s",
                                     helper.luahost, path))
   os.remove(path)
   return code, out, err, path
@@ -53,7 +53,8 @@ print(so.join(y))
 ]])
     assert.equal("", err)
     assert.equal(0, code)
-    assert.equal("false\thandled\nfalse\twith a timeout\ntrue\tfalse\tby a task\n"
+    assert.equal("false\thandled\nfalse\twith a timeout\n"
+                 .. "true\tfalse\tby a task\n"
                  .. "false\ttwice\ntrue\tfalse\ttwice\n", out)
   end)
 
@@ -68,7 +69,7 @@ print(pcall(so.first, function() so.sleep(0.01); error("in first", 0) end,
     assert.equal("false\tin first\n", out)
   end)
 
-  it("is printed, with its traceback and where it was spawned, when nobody waits",
+  it("is printed, with its traceback and its so.spawn, when nobody waits",
      function()
     local code, out, err, path = luahost([[
 local so = require "so"
@@ -86,13 +87,15 @@ print("still running")
     assert.matches("^luahost: [^\n]*:4: nobody waits\nstack traceback:\n", err)
     local tb = assert(err:find("stack traceback:", 1, true))
     local spawned = err:find(path .. ":6", tb, true)
-    assert.truthy(spawned, "no line names the so.spawn (" .. path .. ":6):\n" .. err)
+    assert.truthy(spawned, "no line names the so.spawn (" .. path .. ":6):\n"
+                  .. err)
     -- on a line after the traceback, the last one
     local last = err:match("([^\n]*)\n?$")
     assert.truthy(last:find(path .. ":6", 1, true), last)
   end)
 
-  it("is printed when the join waiting for it timed out before it failed", function()
+  it("is printed when the join waiting for it timed out before it failed",
+     function()
     local code, out, err = luahost([[
 local so = require "so"
 local t = so.spawn(function() so.sleep(0.05); error("too late", 0) end)
@@ -138,8 +141,9 @@ describe("timeout wording", function()
   it("is \"ETIMEDOUT: timed out\" for so.join", function()
     local ch = so.channel()
     local t = so.spawn(function() return ch:recv() end)
-    assert.same({ nil, "ETIMEDOUT: timed out", "ETIMEDOUT" }, { so.join(t, 0.01) })
-    assert.same({ nil, "ETIMEDOUT: timed out", "ETIMEDOUT" }, { t:join(0.01) })
+    local TIMEDOUT = { nil, "ETIMEDOUT: timed out", "ETIMEDOUT" }
+    assert.same(TIMEDOUT, { so.join(t, 0.01) })
+    assert.same(TIMEDOUT, { t:join(0.01) })
     assert.is_true(ch:send("late"))  -- the task went on
     assert.same({ true, "late" }, { so.join(t, 1) })
   end)
@@ -147,10 +151,11 @@ describe("timeout wording", function()
   it("stays \"ETIMEDOUT: connection timed out\" for sockets", function()
     local c, s = pair()
     s:settimeout(0.01)
-    assert.same({ nil, "ETIMEDOUT: connection timed out", "ETIMEDOUT" }, { s:read() })
+    local TIMEDOUT = { nil, "ETIMEDOUT: connection timed out", "ETIMEDOUT" }
+    assert.same(TIMEDOUT, { s:read() })
     local l = assert(so.listen("127.0.0.1", 0))
     l:settimeout(0.01)
-    assert.same({ nil, "ETIMEDOUT: connection timed out", "ETIMEDOUT" }, { l:accept() })
+    assert.same(TIMEDOUT, { l:accept() })
     l:close()
     c:close()
     s:close()
@@ -200,7 +205,10 @@ describe("so.sleep(0) and coroutine.yield", function()
       local t, stop = spinner(step)
       local t0 = so.now()
       local reader = so.spawn(function() return s:read(), so.now() end)
-      local writer = so.spawn(function() so.sleep(0.02); return c:write("ping") end)
+      local writer = so.spawn(function()
+        so.sleep(0.02)
+        return c:write("ping")
+      end)
       local ok, d, at = so.join(reader, 3)
       stop()
       helper.join(t, 5)
