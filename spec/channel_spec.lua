@@ -5,20 +5,8 @@ local helper = require "helper"
 -- How long a socket wait may take before a spec counts it as hung.
 local LIMIT = 5
 
--- A pair of connected conns: the client's and the server's ends.
-local function pair()
-  local l = assert(so.listen("127.0.0.1", 0))
-  local h, p = so.sockname(l)
-  local accepted
-  local t = so.spawn(function() accepted = assert(l:accept()) end)
-  local c = assert(so.connect(h, p))
-  helper.join(t)
-  l:close()
-  -- a limit on every wait, so that a failing spec cannot hang
-  c:settimeout(LIMIT)
-  accepted:settimeout(LIMIT)
-  return c, accepted
-end
+-- A pair of connected conns, every wait on them bounded by LIMIT.
+local function pair() return helper.pair(LIMIT) end
 
 local EPIPE = { nil, "EPIPE: broken pipe", "EPIPE" }
 local TIMEDOUT = { nil, "ETIMEDOUT: timed out", "ETIMEDOUT" }

@@ -130,6 +130,24 @@ function helper.server(handler, host)
   return l, h, p
 end
 
+-- A pair of connected conns, the client's and the server's ends; with
+-- `limit`, every wait on either is bounded by it (a failing spec cannot
+-- hang).
+function helper.pair(limit)
+  local l = assert(so.listen("127.0.0.1", 0))
+  local h, p = so.sockname(l)
+  local accepted
+  local t = so.spawn(function() accepted = assert(l:accept()) end)
+  local c = assert(so.connect(h, p))
+  helper.join(t)
+  l:close()
+  if limit then
+    c:settimeout(limit)
+    accepted:settimeout(limit)
+  end
+  return c, accepted
+end
+
 -- What a spec must leave behind: no conn, no listener, no descriptor more
 -- than at its start, and only the tasks it started with.
 function helper.snapshot()
