@@ -41,22 +41,9 @@ local function drain(conn, seconds)
   return table.concat(got)
 end
 
--- A to-be-closed value that appends `name` to `log` when it closes.
-local function closer(log, name)
-  return setmetatable({}, { __close = function() log[#log + 1] = name end })
-end
+local closer = helper.closer
 
--- Runs a script in a child luahost (killed after 10 s); code, out, err.
-local function luahost(source)
-  local path = os.tmpname()
-  local f = assert(io.open(path, "w"))
-  f:write(source)
-  f:close()
-  local code, out, err = helper.run(string.format("timeout -k 1 10 %s %s",
-                                    helper.luahost, path))
-  os.remove(path)
-  return code, out, err
-end
+local luahost = helper.run_script
 
 -- Cancels t, which must be waiting, and checks what the contract promises:
 -- so.cancel returns true, the task has ended by then, so.join says

@@ -19,8 +19,7 @@ local function timed(fn, ...)
   return so.now() - t0, r
 end
 
--- An array of the results in r (a table.pack), nils kept as holes.
-local function results(r) return { table.unpack(r, 1, r.n) } end
+local results = helper.results
 
 -- Runs a test's body in a task of its own, so that a deadline that
 -- outlives its function (a bug) cannot reach busted's own task, where

@@ -9,24 +9,11 @@ local LIMIT = 5
 -- A pair of connected conns, every wait on them bounded by LIMIT.
 local function pair() return helper.pair(LIMIT) end
 
--- A to-be-closed value that appends `name` to `log` when it closes.
-local function closer(log, name)
-  return setmetatable({}, { __close = function() log[#log + 1] = name end })
-end
+local closer = helper.closer
 
--- Runs a script in a child luahost (killed after 10 s); code, out, err.
-local function luahost(source)
-  local path = os.tmpname()
-  local f = assert(io.open(path, "w"))
-  f:write(source)
-  f:close()
-  local code, out, err = helper.run(string.format("timeout -k 1 10 %s %s",
-                                    helper.luahost, path))
-  os.remove(path)
-  return code, out, err
-end
+local luahost = helper.run_script
 
-local function results(r) return { table.unpack(r, 1, r.n) } end
+local results = helper.results
 
 describe("so.first", function()
   local before

@@ -70,6 +70,31 @@ function helper.run(cmd)
   return code, out, err
 end
 
+-- Runs Lua source as the script of a child luahost, with arguments; the
+-- child is killed after 30 s, so a hang fails instead of stopping the run.
+-- Returns exit code, stdout, stderr, and the script's path (gone by then).
+function helper.run_script(source, ...)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(source)
+  f:close()
+  local args = { ... }
+  for i, a in ipairs(args) do args[i] = string.format("%q", a) end
+  local code, out, err = helper.run(string.format("timeout -k 1 30 %s %s %s",
+                                    helper.luahost, path,
+                                    table.concat(args, " ")))
+  os.remove(path)
+  return code, out, err, path
+end
+
+-- A to-be-closed value that appends `name` to `log` when it closes.
+function helper.closer(log, name)
+  return setmetatable({}, { __close = function() log[#log + 1] = name end })
+end
+
+-- The values of r (a table.pack) as an array, nils kept as holes.
+function helper.results(r) return { table.unpack(r, 1, r.n) } end
+
 -- How many descriptors this process has open.
 function helper.fds()
   local n = 0

@@ -9,18 +9,7 @@ local LIMIT = 5
 -- A pair of connected conns, every wait on them bounded by LIMIT.
 local function pair() return helper.pair(LIMIT) end
 
--- Runs a script in a child luahost (killed after 10 s); returns exit
--- code, stdout, stderr and the script's path (gone by then).
-local function luahost(source)
-  local path = os.tmpname()
-  local f = assert(io.open(path, "w"))
-  f:write(source)
-  f:close()
-  local code, out, err = helper.run(string.format("timeout -k 1 10 %s %s",
-                                    helper.luahost, path))
-  os.remove(path)
-  return code, out, err, path
-end
+local luahost = helper.run_script
 
 describe("a task's error", function()
   it("is not printed when a task waits for it in so.join", function()

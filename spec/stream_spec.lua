@@ -2,17 +2,7 @@
 local so = require "so"
 local helper = require "helper"
 
--- A pair of connected conns: the client's and the server's ends.
-local function pair()
-  local l = assert(so.listen("127.0.0.1", 0))
-  local h, p = so.sockname(l)
-  local accepted
-  local t = so.spawn(function() accepted = assert(l:accept()) end)
-  local c = assert(so.connect(h, p))
-  helper.join(t)
-  l:close()
-  return c, accepted
-end
+local pair = helper.pair
 
 -- Writes until a write is blocked for `seconds`; returns the bytes taken.
 local function fill(conn, seconds)

@@ -2,19 +2,7 @@
 local so = require "so"
 local helper = require "helper"
 
--- Runs a script in a child luahost; returns exit code, stdout, stderr.
-local function luahost(source, ...)
-  local path = os.tmpname()
-  local f = assert(io.open(path, "w"))
-  f:write(source)
-  f:close()
-  local args = { ... }
-  for i, a in ipairs(args) do args[i] = string.format("%q", a) end
-  local code, out, err = helper.run(string.format("%s %s %s", helper.luahost,
-                                    path, table.concat(args, " ")))
-  os.remove(path)
-  return code, out, err, path
-end
+local luahost = helper.run_script
 
 describe("so.spawn", function()
   local before
