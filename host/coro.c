@@ -108,7 +108,7 @@ static int resume(lua_State *L, lua_State *co, int nargs, int wrap,
   /* Only a suspended coroutine is retagged: a running or normal one (this
      very chain of resumes) keeps its tag, and lua_resume refuses it. */
   int suspended = costatus(L, co) == CO_SUSPENDED;
-  int status, nres;
+  int status, nres, kind;
   if (!lua_checkstack(co, nargs)) {
     lua_pushliteral(L, "too many arguments to resume");
     status = LUA_ERRRUN;
@@ -125,10 +125,11 @@ static int resume(lua_State *L, lua_State *co, int nargs, int wrap,
     LH_EXTRA(co) = ((mine != 0 && lua_isyieldable(L)) ? (mine | LH_NESTED)
                     : 0) | (LH_EXTRA(co) & LH_OWNDL);
   status = lua_resume(co, L, nargs, &nres);
-  if (status == LUA_YIELD && lh_yieldkind(co, nres) != LH_YIELD_PLAIN) {
+  kind = status == LUA_YIELD ? lh_yieldkind(co, nres) : LH_YIELD_PLAIN;
+  if (kind != LH_YIELD_PLAIN) {
     /* A yield of the host's: co is tagged, so L could yield when it
        resumed co, and still can. */
-    if (lh_yieldkind(co, nres) == LH_YIELD_CANCEL) {
+    if (kind == LH_YIELD_CANCEL) {
       /* The task is being cancelled: close co (its <close> variables run,
          innermost first), and go on unwinding up to the task. */
       lua_pop(co, nres);
