@@ -28,7 +28,7 @@
 ** A host error code outside libuv's range: a timeout that involves no
 ** connection (so.join, a channel, so.first), "ETIMEDOUT: timed out".
 */
-#define LH_ETIMEDOUT (-100001)
+#define LH_ETIMEDOUT (-4096)  /* below every UV_E* (UV_EOF is -4095) */
 
 typedef struct lh_task lh_task;
 
@@ -58,22 +58,18 @@ enum {
 typedef struct lh_waitrec {
   const lh_waitkind *kind;  /* NULL when not waiting */
   void *on;                 /* the object or request waited on */
-  int64_t deadline;         /* loop time (ms) it times out at, or -1 */
-  uint32_t seq;             /* orders equal deadlines; see sched.c */
-  int heapidx;              /* place in the deadline heap, -1 if none */
+  int heapidx;              /* its deadline's place in the heap, -1: none */
   int base;                 /* the waiting C function's stack top */
-  int err;                  /* the outcome when it failed: a libuv code */
 } lh_waitrec;
 
 /*
 ** A task: a Lua thread run by the scheduler. The struct lives in a full
-** userdata (the task handle scripts see); its user values are the thread
-** and the "file:line" of the so.spawn that started it. The thread's
+** userdata (the task handle scripts see); its user value is the thread.
+** The thread's
 ** LUA_EXTRASPACE points back here, so a C function finds the task it runs
 ** in without a lookup.
 */
 struct lh_task {
-  uint64_t tag;           /* LH_TAG_TASK: see lh_checkobj */
   lua_State *co;          /* the thread */
   lh_task *next;          /* link: ready queue, or a list of waiters */
   /* Who waits for it to end: a task so.first started has no handle a
@@ -84,8 +80,10 @@ struct lh_task {
   } u;
   lh_waitrec wait;          /* what it waits on now */
   int64_t deadline;       /* so.deadline in force (loop ms), or -1 */
+  const char *site;       /* "file:line" of the so.spawn that started it */
   int ref;                /* registry ref to this userdata while alive */
   int nargs;              /* values pushed on co for its next resume */
+  int16_t err;            /* how its last wait failed: a libuv code */
   unsigned char status;   /* LH_TASK_* */
   unsigned char queued;   /* in the ready queue? */
   unsigned char cancelling; /* so.cancel asked it to end */
@@ -168,7 +166,6 @@ typedef struct lh_sockref {
 
 #define LH_TAG_CONN     UINT64_C(0x6c756168636f6e6e) /* "luahconn" */
 #define LH_TAG_LISTENER UINT64_C(0x6c7561686c73746e) /* "luahlstn" */
-#define LH_TAG_TASK     UINT64_C(0x6c7561687461736b) /* "luahtask" */
 #define LH_TAG_CHANNEL  UINT64_C(0x6c7561686368616e) /* "luahchan" */
 
 #define LH_TASK_TNAME "task"

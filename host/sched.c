@@ -101,47 +101,57 @@ int lh_yieldkind(lua_State *co, int nres) {
 ** a handle to close; the heap costs a slot while the task waits.
 ** ======================================================= */
 
-static lh_task **heap;
+/*
+** A heap entry: what orders it, by value (the task need not hold it), and
+** the task, which holds its entry's index.
+*/
+typedef struct deadline_entry {
+  int64_t deadline;   /* loop time (ms) */
+  uint32_t seq;       /* when it entered the heap: orders equal deadlines */
+  lh_task *task;
+} deadline_entry;
+
+static deadline_entry *heap;
 static int heap_n, heap_cap;
-static uint32_t heap_seq;   /* a wait's seq: when it entered the heap */
+static uint32_t heap_seq;   /* the next entry's seq */
 static int64_t armed = -1;  /* what the timer is set for, -1 if stopped */
 
 static void on_deadline(uv_timer_t *timer);
 
-static int before(const lh_task *a, const lh_task *b) {
-  if (a->wait.deadline != b->wait.deadline)
-    return a->wait.deadline < b->wait.deadline;
-  return (int32_t)(a->wait.seq - b->wait.seq) < 0;
+static int before(const deadline_entry *a, const deadline_entry *b) {
+  if (a->deadline != b->deadline)
+    return a->deadline < b->deadline;
+  return (int32_t)(a->seq - b->seq) < 0;
 }
 
-static void heap_set(int i, lh_task *t) {
-  heap[i] = t;
-  t->wait.heapidx = i;
+static void heap_set(int i, deadline_entry e) {
+  heap[i] = e;
+  e.task->wait.heapidx = i;
 }
 
 static void sift_up(int i) {
-  lh_task *t = heap[i];
-  while (i > 0 && before(t, heap[(i - 1) / 2])) {
+  deadline_entry e = heap[i];
+  while (i > 0 && before(&e, &heap[(i - 1) / 2])) {
     heap_set(i, heap[(i - 1) / 2]);
     i = (i - 1) / 2;
   }
-  heap_set(i, t);
+  heap_set(i, e);
 }
 
 static void sift_down(int i) {
-  lh_task *t = heap[i];
+  deadline_entry e = heap[i];
   for (;;) {
     int c = 2 * i + 1;
     if (c >= heap_n)
       break;
-    if (c + 1 < heap_n && before(heap[c + 1], heap[c]))
+    if (c + 1 < heap_n && before(&heap[c + 1], &heap[c]))
       c++;
-    if (!before(heap[c], t))
+    if (!before(&heap[c], &e))
       break;
     heap_set(i, heap[c]);
     i = c;
   }
-  heap_set(i, t);
+  heap_set(i, e);
 }
 
 /*
@@ -151,7 +161,7 @@ static void sift_down(int i) {
 ** again in the same timer pass, and starve the loop.
 */
 static void arm(void) {
-  int64_t d = heap[0]->wait.deadline, now = lh_now();
+  int64_t d = heap[0].deadline, now = lh_now();
   if (armed >= 0 && armed <= d)
     return;
   uv_timer_start(&lh_H.deadline_timer, on_deadline,
@@ -159,31 +169,33 @@ static void arm(void) {
   armed = d;
 }
 
-static int heap_insert(lh_task *t) {
+static int heap_insert(lh_task *t, int64_t deadline) {
+  deadline_entry e;
   if (heap_n == heap_cap) {
     int cap = heap_cap ? heap_cap * 2 : 64;
-    lh_task **h = realloc(heap, (size_t)cap * sizeof *h);
+    deadline_entry *h = realloc(heap, (size_t)cap * sizeof *h);
     if (h == NULL)
       return UV_ENOMEM;
     heap = h;
     heap_cap = cap;
   }
-  t->wait.seq = heap_seq++;
-  heap_set(heap_n++, t);
+  e.deadline = deadline;
+  e.seq = heap_seq++;
+  e.task = t;
+  heap_set(heap_n++, e);
   sift_up(heap_n - 1);
-  if (heap[0] == t)
+  if (heap[0].task == t)
     arm();
   return 0;
 }
 
 static void heap_remove(lh_task *t) {
   int i = t->wait.heapidx;
-  lh_task *last;
   t->wait.heapidx = -1;
-  last = heap[--heap_n];
-  if (i < heap_n) {
+  if (i < --heap_n) {
+    deadline_entry last = heap[heap_n];
     heap_set(i, last);
-    if (i > 0 && before(last, heap[(i - 1) / 2]))
+    if (i > 0 && before(&last, &heap[(i - 1) / 2]))
       sift_up(i);
     else
       sift_down(i);
@@ -242,10 +254,9 @@ static void on_deadline(uv_timer_t *timer) {
   (void)timer;
   armed = -1;
   while (heap_n > 0 && lh_H.L != NULL) {
-    lh_task *t = heap[0];
-    if (t->wait.deadline > now || (int32_t)(t->wait.seq - limit) >= 0)
+    if (heap[0].deadline > now || (int32_t)(heap[0].seq - limit) >= 0)
       break;
-    expire(t);
+    expire(heap[0].task);
   }
   if (heap_n > 0)
     arm();
@@ -298,12 +309,12 @@ static void ready_push(lh_task *t, int nargs) {
 static int k_wait(lua_State *L, int status, lua_KContext ctx) {
   const lh_waitkind *kind = (const lh_waitkind *)ctx;
   lh_task *t = lh_task_caller(L);
-  int err = t->wait.err;
+  int err = t->err;
   (void)status;
   if (t->cancelling)
     return lh_unwind(L);
   if (err != 0) {
-    t->wait.err = 0;
+    t->err = 0;
     lua_settop(L, t->wait.base);
     return lh_pusherror(L, err);
   }
@@ -325,7 +336,7 @@ int lh_wait(lua_State *L, lh_task *t, const lh_waitkind *kind, void *on,
   int64_t d = -1;
   w->kind = kind;
   w->on = on;
-  w->err = 0;
+  t->err = 0;
   t->by_deadline = 0;
   if (t->cancelling) {  /* asked to end while it ran: now is the time */
     abandon(t);
@@ -349,8 +360,7 @@ int lh_wait(lua_State *L, lh_task *t, const lh_waitkind *kind, void *on,
        through the ready queue, not a timer due in the same timer pass. */
     ready_push(t, 0);
   } else if (d >= 0) {
-    w->deadline = d;
-    if (heap_insert(t) < 0) {
+    if (heap_insert(t, d) < 0) {
       abandon(t);
       return luaL_error(L, "not enough memory");
     }
@@ -389,7 +399,7 @@ void lh_wake(lh_task *t, int nargs) {
 
 /* lh_wake, for a wait that failed: the task gets nil, msg, name. */
 void lh_wake_err(lh_task *t, int err) {
-  t->wait.err = err;
+  t->err = err;
   lh_wake(t, 0);
 }
 
@@ -413,7 +423,7 @@ void lh_resume(lh_task *t, int nargs) {
 ** builds nil, msg, name itself, so nothing is allocated here.
 */
 void lh_resume_err(lh_task *t, int err) {
-  t->wait.err = err;
+  t->err = err;
   lh_resume(t, 0);
 }
 
@@ -579,8 +589,9 @@ static int format_error(lua_State *L) {
                           luaL_typename(L, 1));
   if (co != NULL)
     luaL_traceback(L, co, msg, 0);
-  if (lua_type(L, 3) == LUA_TSTRING) {
-    lua_pushfstring(L, "\n(in the task started at %s)", lua_tostring(L, 3));
+  if (lua_touserdata(L, 3) != NULL) {
+    lua_pushfstring(L, "\n(in the task started at %s)",
+                    (const char *)lua_touserdata(L, 3));
     lua_concat(L, 2);
   }
   return 1;
@@ -602,12 +613,7 @@ static void report(lua_State *L, lua_State *co, lh_task *t,
     lua_xmove(co, L, 1);
   } else
     lua_pushnil(L);
-  if (t != NULL && t->ref != LUA_NOREF) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref);
-    lua_getiuservalue(L, -1, 2);
-    lua_remove(L, -2);
-  } else
-    lua_pushnil(L);
+  lua_pushlightuserdata(L, t != NULL ? (void *)t->site : NULL);
   if (lua_pcall(L, 3, 1, 0) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
     lua_pop(L, 1);
     lua_pushliteral(L, "(error object cannot be printed)");
@@ -787,6 +793,33 @@ int lh_cancel(lua_State *L, lh_task *t) {
 ** ======================================================= */
 
 /*
+** Pops a spawn site ("file:line") and returns it as a C string that lives
+** as long as the host: sites are few (places in the code), so they are
+** kept for good in a registry set, and a task holds a pointer, not a
+** value (16 bytes less for each task).
+*/
+static const char sites_key = 0;  /* its address: the set's registry key */
+
+static const char *keep_site(lua_State *L) {
+  const char *site;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &sites_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &sites_key);
+  }  /* site sites */
+  lua_pushvalue(L, -2);
+  if (lua_rawget(L, -2) == LUA_TNIL) {  /* site sites nil */
+    lua_pushvalue(L, -3);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -4);
+  }
+  site = lua_tostring(L, -3);  /* anchored by the set from now on */
+  lua_pop(L, 3);
+  return site;
+}
+
+/*
 ** Creates a task for the function at index fn and pushes its handle. The
 ** task is alive (anchored, counted) but not started: see lh_start.
 */
@@ -797,13 +830,11 @@ lh_task *lh_newtask(lua_State *L, int fn) {
   ar.currentline = -1;
   fn = lua_absindex(L, fn);
   luaL_checkstack(L, 4, NULL);
-  t = lua_newuserdatauv(L, sizeof *t, 2);  /* ud */
+  t = lua_newuserdatauv(L, sizeof *t, 1);  /* ud */
   memset(t, 0, sizeof *t);
-  t->tag = LH_TAG_TASK;
   t->ref = LUA_NOREF;
   t->deadline = -1;
   t->wait.heapidx = -1;
-  t->wait.deadline = -1;
   luaL_setmetatable(L, LH_TASK_TNAME);
   /* Where it was started, for its error report and so.tasks: the nearest
      Lua function up the stack (so.spawn may be called through pcall). */
@@ -814,7 +845,7 @@ lh_task *lh_newtask(lua_State *L, int fn) {
     lua_pushfstring(L, "%s:%d", ar.short_src, ar.currentline);
   else
     lua_pushliteral(L, "?");
-  lua_setiuservalue(L, -2, 2);
+  t->site = keep_site(L);
   t->co = lua_newthread(L);  /* ud co */
   lua_setiuservalue(L, -2, 1);  /* ud; ud keeps the thread alive */
   *(lh_task **)lua_getextraspace(t->co) = t;

@@ -7,7 +7,7 @@
 #include "luahost.h"
 
 static lh_task *checktask(lua_State *L, int arg) {
-  return lh_checkobj(L, arg, LH_TAG_TASK, LH_TASK_TNAME);
+  return luaL_checkudata(L, arg, LH_TASK_TNAME);
 }
 
 /*
