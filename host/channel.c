@@ -99,8 +99,10 @@ static void cancel_recv(lh_task *t) {
   unlink_task(&ch->receivers, &ch->receivers_tail, t);
 }
 
-static const lh_waitkind send_kind = {"channel send", cancel_send, NULL, 0};
-static const lh_waitkind recv_kind = {"channel recv", cancel_recv, NULL, 0};
+static const lh_waitkind send_kind = {"channel send", cancel_send, NULL, 0,
+                                     NULL};
+static const lh_waitkind recv_kind = {"channel recv", cancel_recv, NULL, 0,
+                                     NULL};
 
 /* ch:send(v): true once v is buffered or taken; nil, EPIPE once closed. */
 static int ch_send(lua_State *L) {

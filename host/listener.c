@@ -24,6 +24,7 @@ static int accept_conn(lua_State *L, lh_sock *l) {
     return lh_pusherror(L, err);
   }
   uv_tcp_nodelay(&c->tcp, 1);  /* request-response protocols want it */
+  lh_H.accepts++;
   return 1;  /* the conn */
 }
 
@@ -74,8 +75,21 @@ static void cancel_accept(lh_task *t) {
     uv_unref((uv_handle_t *)&l->tcp);
 }
 
+static void describe_accept(lh_task *t, char *buf, size_t size) {
+  lh_sock_addr(&((lh_sock *)t->wait.on)->tcp, 0, buf, size);
+}
+
 static const lh_waitkind accept_kind = {"accept", cancel_accept, NULL,
-                                        LH_WAIT_NET};
+                                        LH_WAIT_NET, describe_accept};
+
+/* An accept on a listener the drain closed: ECANCELED, next turn. */
+static int after_shut(lua_State *L, int base) {
+  lua_settop(L, base);
+  return lh_pusherror(L, UV_ECANCELED);
+}
+
+static const lh_waitkind shut_kind = {"accept", NULL, after_shut,
+                                      LH_WAIT_ENDS, NULL};
 
 /*
 ** so.accept(listener): the next connection, as a conn; waits for one.
@@ -83,6 +97,8 @@ static const lh_waitkind accept_kind = {"accept", cancel_accept, NULL,
 static int so_accept(lua_State *L) {
   lh_sock *l = lh_checklistener(L, 1);
   lh_task *t = lh_checktask_caller(L, "accept");
+  if (l->flags & LH_SOCK_SHUT)  /* drained: a loop that ignores it yields */
+    return lh_wait(L, t, &shut_kind, NULL, 0);
   if (l->flags & LH_SOCK_PENDING)
     return accept_conn(L, l);
   t->next = NULL;

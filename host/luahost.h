@@ -43,6 +43,8 @@ typedef struct lh_waitkind {
      above base: what the waiting function returns (NULL: the results). */
   int (*after)(lua_State *L, int base);
   unsigned flags;              /* LH_WAIT_* */
+  /* What it waits on, for so.tasks ("127.0.0.1:52314"); NULL: nothing. */
+  void (*describe)(lh_task *t, char *buf, size_t size);
 } lh_waitkind;
 
 enum {
@@ -82,14 +84,16 @@ struct lh_task {
   int64_t deadline;       /* so.deadline in force (loop ms), or -1 */
   const char *site;       /* "file:line" of the so.spawn that started it */
   int ref;                /* registry ref to this userdata while alive */
+  uint64_t id;            /* unique in the process, from 1 */
   int nargs;              /* values pushed on co for its next resume */
+  uint32_t since;         /* loop ms (mod 2^32) when its state changed */
   int16_t err;            /* how its last wait failed: a libuv code */
-  unsigned char status;   /* LH_TASK_* */
-  unsigned char queued;   /* in the ready queue? */
-  unsigned char cancelling; /* so.cancel asked it to end */
-  unsigned char in_first;   /* started by so.first (see u) */
-  unsigned char held;       /* a so.first loser: its wait abandoned */
-  unsigned char by_deadline;/* its wait's deadline is so.deadline's */
+  unsigned status : 3;    /* LH_TASK_* */
+  unsigned queued : 2;    /* in the ready queue: 1 + the turn's parity */
+  unsigned cancelling : 1;  /* so.cancel asked it to end */
+  unsigned in_first : 1;    /* started by so.first (see u) */
+  unsigned held : 1;        /* a so.first loser: its wait abandoned */
+  unsigned by_deadline : 1; /* its wait's deadline is so.deadline's */
 };
 
 enum {
@@ -152,7 +156,8 @@ enum {
   LH_SOCK_EOF      = 1 << 2, /* the peer's EOF was read */
   LH_SOCK_PENDING  = 1 << 3, /* listener: libuv holds an accepted fd */
   LH_SOCK_DETACHED = 1 << 4, /* no userdata points here any more */
-  LH_SOCK_CLOSED   = 1 << 5  /* uv_close has called back */
+  LH_SOCK_CLOSED   = 1 << 5, /* uv_close has called back */
+  LH_SOCK_SHUT     = 1 << 6  /* listener closed by the drain, not by Lua */
 };
 
 /*
@@ -176,17 +181,30 @@ typedef struct lh_host {
   lua_State *L;           /* main state; NULL once closing */
   int depth;              /* resumes in progress (0: called from the loop) */
   int exit_status;        /* what main returns */
+  int draining;           /* a signal asked the host to stop */
   lh_task *ready_head, *ready_tail;
   uv_check_t ready_check; /* runs queued tasks after each poll */
   uv_idle_t ready_idle;   /* keeps poll from blocking while tasks are queued */
   uv_timer_t deadline_timer; /* the earliest deadline of any wait */
   long ntasks, nconns, nlisteners; /* live counts, for so.stats */
+  uint64_t next_id;       /* the next task's id */
+  /* Counters since start, for so.stats. */
+  uint64_t accepts, bytes_in, bytes_out, timeouts, errors;
 } lh_host;
 
 extern lh_host lh_H;
 
 /* alloc.c */
 lua_State *lh_newstate(size_t limit);
+
+/* log.c */
+enum { LH_LOG_DEBUG, LH_LOG_INFO, LH_LOG_WARN, LH_LOG_ERROR };
+extern int lh_log_level;
+int lh_log_parse(const char *name);
+void lh_log(int level, lh_task *t, const char *fmt, ...);
+void lh_log_string(int level, lh_task *t, const char *msg, size_t len);
+void lh_log_always(int level, lh_task *t, const char *msg, size_t len);
+void lh_log_open(lua_State *L);
 
 /* aux.c */
 void *lh_checkobj(lua_State *L, int arg, uint64_t tag, const char *tname);
@@ -233,9 +251,11 @@ int lh_sock_renew(lh_sockref *ref);
 void lh_sock_close(lua_State *L, int idx);
 void lh_sock_closeref(lh_sockref *ref);
 void lh_sock_open(lua_State *L);
+void lh_sock_shut_listeners(void);
 int lh_sock_settimeout(lua_State *L);
 int lh_parseaddr(const char *host, int port, struct sockaddr_storage *ss);
 int lh_pushaddr(lua_State *L, const struct sockaddr_storage *ss);
+void lh_sock_addr(const uv_tcp_t *tcp, int peer, char *buf, size_t size);
 int lh_getaddrinfo(uv_getaddrinfo_t *req, uv_getaddrinfo_cb cb,
                    const char *host, int port, int flags);
 
@@ -244,6 +264,13 @@ void lh_stream_open(lua_State *L);
 void lh_listener_open(lua_State *L);
 void lh_task_open(lua_State *L);
 void lh_task_init(lua_State *L);
+void lh_task_dump(void);
+void lh_cancel_all(lua_State *L);
+
+/* drain.c */
+extern int64_t lh_drain_ms;
+void lh_drain_init(lua_State *L);
+void lh_drain_open(lua_State *L);
 void lh_channel_open(lua_State *L);
 int lh_channel_settimeout(lua_State *L);
 

@@ -29,6 +29,8 @@ static void usage(FILE *f) {
           "Runs a Lua script as the first task of an event loop.\n"
           "Options:\n"
           "  --max-memory SIZE  cap the Lua heap (bytes, or with K, M, G)\n"
+          "  --log-level LEVEL  debug, info (default), warn or error\n"
+          "  --drain SECONDS    how long a drain may take (default 3)\n"
           "  --help             show this help and exit\n"
           "  --version          show version information and exit\n"
           "  --                 stop handling options\n",
@@ -97,11 +99,6 @@ static void set_arg(lua_State *L, char **argv, int argc, int script) {
   lua_setglobal(L, "arg");
 }
 
-static void on_signal(uv_signal_t *sig, int signum) {
-  (void)sig;
-  (void)signum;
-  uv_stop(lh_H.loop);  /* main closes everything and exits 0 */
-}
 
 static void close_handle(uv_handle_t *h, void *arg) {
   (void)arg;
@@ -156,7 +153,6 @@ int main(int argc, char **argv) {
   lua_State *L;
   int script = 1, nargs, i, status;
   size_t max_memory = 0;
-  uv_signal_t sigint, sigterm;
 
   while (script < argc && argv[script][0] == '-') {
     const char *opt = argv[script];
@@ -172,6 +168,25 @@ int main(int argc, char **argv) {
           == 0) {
         fprintf(stderr, "%s: --max-memory wants a size (e.g. 64M)\n",
                 progname);
+        return 2;
+      }
+      script += 2;
+      continue;
+    } else if (strcmp(opt, "--drain") == 0) {
+      char *end = NULL;
+      double s = script + 1 < argc ? strtod(argv[script + 1], &end) : -1;
+      if (end == NULL || *end != '\0' || !(s >= 0 && s < 1e9)) {
+        fprintf(stderr, "%s: --drain wants seconds (e.g. 3)\n", progname);
+        return 2;
+      }
+      lh_drain_ms = (int64_t)(s * 1000);
+      script += 2;
+      continue;
+    } else if (strcmp(opt, "--log-level") == 0) {
+      if (script + 1 >= argc ||
+          (lh_log_level = lh_log_parse(argv[script + 1])) < 0) {
+        fprintf(stderr, "%s: --log-level wants debug, info, warn or "
+                "error\n", progname);
         return 2;
       }
       script += 2;
@@ -216,6 +231,7 @@ int main(int argc, char **argv) {
   lh_error_init(L);
   lh_sched_init(L);
   lh_task_init(L);
+  lh_drain_init(L);
 
   status = luaL_loadfile(L, argv[script]);
   if (status != LUA_OK) {
@@ -228,12 +244,6 @@ int main(int argc, char **argv) {
   for (i = script + 1; i < argc; i++)
     lua_pushstring(L, argv[i]);
 
-  uv_signal_init(lh_H.loop, &sigint);
-  uv_signal_start(&sigint, on_signal, SIGINT);
-  uv_unref((uv_handle_t *)&sigint);
-  uv_signal_init(lh_H.loop, &sigterm);
-  uv_signal_start(&sigterm, on_signal, SIGTERM);
-  uv_unref((uv_handle_t *)&sigterm);
 
   lh_spawn_main(L, nargs);
   if (lh_H.exit_status == 0)

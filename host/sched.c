@@ -241,6 +241,7 @@ static void expire(lh_task *t) {
     return;
   }
   abandon(t);
+  lh_H.timeouts++;
   lh_resume_err(t, timeout_error(kind));
 }
 
@@ -291,6 +292,7 @@ static void on_idle(uv_idle_t *idle) {
 static void ready_push(lh_task *t, int nargs) {
   t->nargs = nargs;
   t->queued = QUEUED_NOW;
+  t->since = (uint32_t)lh_now();
   t->next = NULL;
   if (lh_H.ready_tail)
     lh_H.ready_tail->next = t;
@@ -613,13 +615,18 @@ static void report(lua_State *L, lua_State *co, lh_task *t,
     lua_xmove(co, L, 1);
   } else
     lua_pushnil(L);
-  lua_pushlightuserdata(L, t != NULL ? (void *)t->site : NULL);
+  lua_pushlightuserdata(L, co != NULL && t != NULL ? (void *)t->site : NULL);
   if (lua_pcall(L, 3, 1, 0) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
     lua_pop(L, 1);
     lua_pushliteral(L, "(error object cannot be printed)");
   }
-  fprintf(stderr, "luahost: %s%s\n", what, lua_tostring(L, -1));
-  fflush(stderr);
+  if (*what != '\0') {
+    lua_pushstring(L, what);
+    lua_insert(L, -2);
+    lua_concat(L, 2);
+  }
+  lh_log_string(LH_LOG_ERROR, t, lua_tostring(L, -1),
+                lua_rawlen(L, -1));
   lua_pop(L, 1);
 }
 
@@ -637,6 +644,8 @@ static void release(lh_task *t) {
   lh_H.ntasks--;
   if (t == main_task)
     main_task = NULL;
+  if (lh_H.draining && lh_H.ntasks == 0)  /* drained: done */
+    uv_stop(lh_H.loop);
 }
 
 /*
@@ -661,7 +670,7 @@ static void end_cancelled(lh_task *t) {
   lua_State *L = lh_H.L, *co = t->co;
   if (lh_closethread(co, L) != LUA_OK && lua_checkstack(L, 1)) {
     lua_xmove(co, L, 1);
-    report(L, NULL, NULL, "error in a <close> variable: ");
+    report(L, NULL, t, "error in a <close> variable: ");
     lua_pop(L, 1);
   }
   lua_settop(co, 0);
@@ -697,6 +706,7 @@ static void finish(lh_task *t, int status, int nres) {
     t->nargs = nres;
   } else {
     t->status = LH_TASK_FAILED;
+    lh_H.errors++;
     lua_checkstack(co, 2);  /* for report's pushthread */
     lua_pushvalue(co, -1);
     lua_xmove(co, L, 1);  /* L: error */
@@ -707,7 +717,7 @@ static void finish(lh_task *t, int status, int nres) {
        handler that raised in its turn, which replaces it. */
     lua_xmove(co, L, 1);  /* L: error final */
     if (!lua_rawequal(L, -1, -2))
-      report(L, NULL, NULL, "error in a <close> variable: ");
+      report(L, NULL, t, "error in a <close> variable: ");
     lua_settop(co, 0);
     lua_xmove(L, co, 1);  /* the final error is the task's "result" */
     lua_pop(L, 1);
@@ -728,12 +738,14 @@ static void finish(lh_task *t, int status, int nres) {
 static void run(lh_task *t, int nargs, lua_State *from) {
   int nres, status;
   t->status = LH_TASK_RUNNING;
+  t->since = (uint32_t)lh_now();
   lh_H.depth++;
   status = lua_resume(t->co, from, nargs, &nres);
   lh_H.depth--;
   if (status == LUA_YIELD) {
     int kind = lh_yieldkind(t->co, nres);
     lua_pop(t->co, nres);
+    t->since = (uint32_t)lh_now();
     if (kind == LH_YIELD_WAIT)
       t->status = LH_TASK_WAITING;
     else if (kind == LH_YIELD_CANCEL || t->cancelling)
@@ -854,6 +866,8 @@ lh_task *lh_newtask(lua_State *L, int fn) {
   lua_pushvalue(L, -1);
   t->ref = luaL_ref(L, LUA_REGISTRYINDEX);  /* the task keeps itself alive */
   t->status = LH_TASK_YIELDED;
+  t->id = ++lh_H.next_id;
+  t->since = (uint32_t)lh_now();
   lh_H.ntasks++;
   return t;
 }

@@ -19,6 +19,8 @@ static int so_settimeout(lua_State *L) {
 int luaopen_so(lua_State *L) {
   lua_createtable(L, 0, 32);
   lh_task_open(L);
+  lh_log_open(L);
+  lh_drain_open(L);
   lh_channel_open(L);
   lh_stream_open(L);
   lh_listener_open(L);

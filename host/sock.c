@@ -146,7 +146,9 @@ void lh_sock_closeref(lh_sockref *ref) {
   if (s == NULL)
     return;
   ref->s = NULL;
-  if (s->flags & LH_SOCK_LISTENER)
+  if (s->flags & LH_SOCK_SHUT)
+    ;  /* counted out, and its waiters woken, by the drain */
+  else if (s->flags & LH_SOCK_LISTENER)
     lh_H.nlisteners--;
   else
     lh_H.nconns--;
@@ -157,6 +159,27 @@ void lh_sock_closeref(lh_sockref *ref) {
     free(s);
   else if (!uv_is_closing((uv_handle_t *)&s->tcp))
     uv_close((uv_handle_t *)&s->tcp, on_close);
+}
+
+static void shut_listener(uv_handle_t *h, void *arg) {
+  lh_sock *s = (lh_sock *)h;
+  (void)arg;
+  if (h->type != UV_TCP || uv_is_closing(h) ||
+      !(s->flags & LH_SOCK_LISTENER) || (s->flags & LH_SOCK_DETACHED))
+    return;
+  s->flags |= LH_SOCK_SHUT;
+  lh_H.nlisteners--;
+  cancel_waiters(s);
+  uv_close(h, on_close);
+}
+
+/*
+** The drain: every listener stops listening (the kernel refuses new
+** connections) and its acceptors get ECANCELED; the listener objects read
+** as open, and their accepts fail the same way, until Lua closes them.
+*/
+void lh_sock_shut_listeners(void) {
+  uv_walk(lh_H.loop, shut_listener, NULL);
 }
 
 /* Closes the conn or listener at idx, as so.close does. */
@@ -256,6 +279,26 @@ int lh_pushaddr(lua_State *L, const struct sockaddr_storage *ss) {
   lua_pushstring(L, host);
   lua_pushinteger(L, port);
   return 2;  /* host, port */
+}
+
+/*
+** "host:port" of a socket's peer (or its own address), for so.tasks; "?"
+** when the OS does not say.
+*/
+void lh_sock_addr(const uv_tcp_t *tcp, int peer, char *buf, size_t size) {
+  struct sockaddr_storage ss;
+  char host[INET6_ADDRSTRLEN] = "?";
+  int len = sizeof ss, port = 0, err;
+  err = peer ? uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len)
+             : uv_tcp_getsockname(tcp, (struct sockaddr *)&ss, &len);
+  if (err == 0 && ss.ss_family == AF_INET6) {
+    uv_ip6_name((struct sockaddr_in6 *)&ss, host, sizeof host);
+    port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+  } else if (err == 0 && ss.ss_family == AF_INET) {
+    uv_ip4_name((struct sockaddr_in *)&ss, host, sizeof host);
+    port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+  }
+  snprintf(buf, size, "%s:%d", host, port);
 }
 
 /* so.sockname(obj): the local host, port of a conn or a listener. */

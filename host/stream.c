@@ -67,6 +67,8 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   s->w.reader = NULL;
+  if (nread > 0)
+    lh_H.bytes_in += (uint64_t)nread;
   if (nread > 0 || nread == UV_EOF) {
     /* The string is made under protection: out of memory, this read
        fails and the conn with it (its bytes are gone), nothing else. */
@@ -95,7 +97,20 @@ static void cancel_read(lh_task *t) {
   stop_reading(s);
 }
 
-static const lh_waitkind read_kind = {"read", cancel_read, NULL, LH_WAIT_NET};
+static void describe_read(lh_task *t, char *buf, size_t size) {
+  lh_sock_addr(&((lh_sock *)t->wait.on)->tcp, 1, buf, size);
+}
+
+static const lh_waitkind read_kind = {"read", cancel_read, NULL, LH_WAIT_NET,
+                                      describe_read};
+
+/* A request's conn's peer: what write and shutdown wait on. */
+static void describe_req(lh_task *t, char *buf, size_t size) {
+  uv_req_t *r = t->wait.on;
+  uv_stream_t *h = r->type == UV_WRITE ? ((uv_write_t *)r)->handle
+                                       : ((uv_shutdown_t *)r)->handle;
+  lh_sock_addr((uv_tcp_t *)h, 1, buf, size);
+}
 
 /*
 ** so.read(conn): the next bytes that arrive (up to 256 KiB); "" at EOF;
@@ -134,6 +149,7 @@ typedef struct write_req {
   uv_write_t req;
   lh_task *task;  /* the writer, NULL once it stopped waiting (timeout) */
   int data_ref;   /* what the buffers point into, until the callback */
+  size_t len;     /* bytes it hands the OS, for so.stats */
 } write_req;
 
 static void on_write(uv_write_t *r, int status) {
@@ -144,6 +160,8 @@ static void on_write(uv_write_t *r, int status) {
     return;
   }
   luaL_unref(lh_H.L, LUA_REGISTRYINDEX, req->data_ref);
+  if (status == 0)
+    lh_H.bytes_out += req->len;
   free(req);
   if (t != NULL)
     lh_resume_status(t, status);
@@ -155,7 +173,7 @@ static void cancel_write(lh_task *t) {
 }
 
 static const lh_waitkind write_kind = {"write", cancel_write, NULL,
-                                       LH_WAIT_NET};
+                                       LH_WAIT_NET, describe_req};
 
 #define MAXPIECES 1024
 
@@ -264,6 +282,8 @@ static int so_write(lua_State *L) {
   luaL_checkstack(L, 4, NULL);
   nbufs = fill_pieces(L, 2, 0);
   written = uv_try_write((uv_stream_t *)&s->tcp, pieces, nbufs);
+  if (written > 0)
+    lh_H.bytes_out += (uint64_t)written;
   if (written >= 0 && (size_t)written == total) {
     lua_pushboolean(L, 1);
     return 1;
@@ -280,6 +300,7 @@ static int so_write(lua_State *L) {
   }
   req->task = t;
   req->data_ref = ref;
+  req->len = total - (written > 0 ? (size_t)written : 0);
   nbufs = fill_pieces(L, lua_gettop(L), written > 0 ? (size_t)written : 0);
   err = uv_write(&req->req, (uv_stream_t *)&s->tcp, pieces, nbufs, on_write);
   if (err < 0) {
@@ -316,7 +337,7 @@ static void cancel_shutdown(lh_task *t) {
 }
 
 static const lh_waitkind shutdown_kind = {"shutdown", cancel_shutdown, NULL,
-                                          LH_WAIT_NET};
+                                          LH_WAIT_NET, describe_req};
 
 /*
 ** so.shutdown(conn): sends EOF after the queued writes; true once done.
@@ -451,7 +472,7 @@ static void cancel_connect(lh_task *t) {
 }
 
 static const lh_waitkind connect_kind = {"connect", cancel_connect, NULL,
-                                         LH_WAIT_NET};
+                                         LH_WAIT_NET, NULL};
 
 /*
 ** so.connect(host, port [, timeout]): a connected conn, or nil, msg,

@@ -2,6 +2,8 @@
 ** task.c: the task functions scripts call (so.spawn, so.join, so.sleep,
 ** so.now, so.stats) and the task handle, over the scheduler in sched.c.
 */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "luahost.h"
@@ -41,7 +43,13 @@ static void cancel_join(lh_task *self) {
   self->next = NULL;
 }
 
-static const lh_waitkind join_kind = {"join", cancel_join, NULL, 0};
+static void describe_join(lh_task *t, char *buf, size_t size) {
+  snprintf(buf, size, "%llu",
+           (unsigned long long)((lh_task *)t->wait.on)->id);
+}
+
+static const lh_waitkind join_kind = {"join", cancel_join, NULL, 0,
+                                      describe_join};
 
 /*
 ** so.join(task [, timeout]): waits until task ends; true, results... or
@@ -181,7 +189,7 @@ static int after_first(lua_State *L, int base) {
 }
 
 static const lh_waitkind first_kind = {"first", cancel_first, after_first,
-                                       0};
+                                       0, NULL};
 
 static int first_close(lua_State *L) {
   cancel_all(L, lua_touserdata(L, 1));
@@ -227,7 +235,8 @@ static int so_first(lua_State *L) {
 /* }====================================================== */
 
 
-static const lh_waitkind sleep_kind = {"sleep", NULL, NULL, LH_WAIT_ENDS};
+static const lh_waitkind sleep_kind = {"sleep", NULL, NULL, LH_WAIT_ENDS,
+                                       NULL};
 
 /*
 ** so.sleep(seconds): yields for that long; 0 for one loop turn.
@@ -248,15 +257,170 @@ static int so_now(lua_State *L) {
 
 /* so.stats(): live tasks, conns and listeners, for leak checks. */
 static int so_stats(lua_State *L) {
-  lua_createtable(L, 0, 3);
+  lua_createtable(L, 0, 8);
   lua_pushinteger(L, lh_H.ntasks);
   lua_setfield(L, -2, "tasks");
   lua_pushinteger(L, lh_H.nconns);
   lua_setfield(L, -2, "conns");
   lua_pushinteger(L, lh_H.nlisteners);
   lua_setfield(L, -2, "listeners");
+  lua_pushinteger(L, (lua_Integer)lh_H.accepts);
+  lua_setfield(L, -2, "accepts");
+  lua_pushinteger(L, (lua_Integer)lh_H.bytes_in);
+  lua_setfield(L, -2, "bytes_in");
+  lua_pushinteger(L, (lua_Integer)lh_H.bytes_out);
+  lua_setfield(L, -2, "bytes_out");
+  lua_pushinteger(L, (lua_Integer)lh_H.timeouts);
+  lua_setfield(L, -2, "timeouts");
+  lua_pushinteger(L, (lua_Integer)lh_H.errors);
+  lua_setfield(L, -2, "errors");
   return 1;
 }
+
+/* {======================================================
+** so.tasks and the SIGUSR1 dump: what every task waits on
+** ======================================================= */
+
+static int by_id(const void *a, const void *b) {
+  uint64_t x = (*(lh_task *const *)a)->id, y = (*(lh_task *const *)b)->id;
+  return x < y ? -1 : x > y;
+}
+
+/*
+** Pushes an array (a userdata) of every live task, by id; returns it and
+** sets *n. Live tasks are the task handles the registry anchors.
+*/
+static lh_task **live_tasks(lua_State *L, size_t *n) {
+  lh_task **all;
+  size_t i = 0, cap = (size_t)lh_H.ntasks;
+  all = lua_newuserdatauv(L, (cap ? cap : 1) * sizeof *all, 0);
+  lua_pushnil(L);
+  while (lua_next(L, LUA_REGISTRYINDEX) != 0) {
+    lh_task *t = luaL_testudata(L, -1, LH_TASK_TNAME);
+    if (t != NULL && !lh_task_ended(t) && t->ref != LUA_NOREF && i < cap)
+      all[i++] = t;
+    lua_pop(L, 1);
+  }
+  qsort(all, i, sizeof *all, by_id);
+  *n = i;
+  return all;
+}
+
+static const char *state_name(lh_task *t) {
+  if (t->status == LH_TASK_RUNNING)
+    return "running";
+  if (t->queued || t->status == LH_TASK_YIELDED)
+    return "ready";
+  return "waiting";
+}
+
+/* What t waits on, as text ("read 127.0.0.1:52314"), or NULL. */
+static const char *waiting_on(lh_task *t, char *buf, size_t size) {
+  const lh_waitkind *kind = t->wait.kind;
+  size_t n;
+  if (kind == NULL || t->status != LH_TASK_WAITING)
+    return NULL;
+  n = (size_t)snprintf(buf, size, "%s", kind->name);
+  if (kind->describe != NULL && n + 1 < size) {
+    buf[n++] = ' ';
+    kind->describe(t, buf + n, size - n);
+  }
+  return buf;
+}
+
+static double seconds_since(lh_task *t) {
+  return (double)(uint32_t)((uint32_t)lh_now() - t->since) / 1000.0;
+}
+
+/*
+** so.tasks(): one table per live task, by id: id, state ("running",
+** "ready", "waiting"), waiting (what on, as text), since (seconds in that
+** state), spawned ("file:line").
+*/
+static int so_tasks(lua_State *L) {
+  size_t i, n;
+  lh_task **all = live_tasks(L, &n);
+  char buf[128];
+  lua_createtable(L, (int)n, 0);
+  for (i = 0; i < n; i++) {
+    lh_task *t = all[i];
+    const char *w = waiting_on(t, buf, sizeof buf);
+    lua_createtable(L, 0, 5);
+    lua_pushinteger(L, (lua_Integer)t->id);
+    lua_setfield(L, -2, "id");
+    lua_pushstring(L, state_name(t));
+    lua_setfield(L, -2, "state");
+    if (w != NULL) {
+      lua_pushstring(L, w);
+      lua_setfield(L, -2, "waiting");
+    }
+    lua_pushnumber(L, seconds_since(t));
+    lua_setfield(L, -2, "since");
+    lua_pushstring(L, t->site);
+    lua_setfield(L, -2, "spawned");
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  return 1;
+}
+
+/* Cancels every live task (the end of a drain); from the loop. */
+void lh_cancel_all(lua_State *L) {
+  size_t i, n;
+  lh_task **all;
+  if (!lua_checkstack(L, 4))
+    return;
+  all = live_tasks(L, &n);  /* anchored on L while we go */
+  for (i = 0; i < n; i++)
+    lh_cancel(L, all[i]);
+  lua_pop(L, 1);
+}
+
+/* The dump, run protected on the main state: one entry per task. */
+static int dump(lua_State *L) {
+  size_t i, n;
+  lh_task **all = live_tasks(L, &n);
+  char buf[128];
+  lh_log_always(LH_LOG_INFO, NULL, "tasks", 5);
+  for (i = 0; i < n; i++) {
+    lh_task *t = all[i];
+    const char *w = waiting_on(t, buf, sizeof buf);
+    lua_pushfstring(L, "%s%s%s for %f s, started at %s", state_name(t),
+                    w ? " " : "", w ? w : "", seconds_since(t), t->site);
+    luaL_traceback(L, t->co, lua_tostring(L, -1), 0);
+    lh_log_always(LH_LOG_INFO, t, lua_tostring(L, -1), lua_rawlen(L, -1));
+    lua_pop(L, 2);
+  }
+  return 0;
+}
+
+/*
+** On SIGUSR1: every task, what it waits on, and its traceback, on
+** stderr. Runs from the loop, between tasks: service goes on.
+*/
+void lh_task_dump(void) {
+  lua_State *L = lh_H.L;
+  if (L == NULL || !lua_checkstack(L, 2))
+    return;
+  lua_pushcfunction(L, dump);
+  if (lua_pcall(L, 0, 0, 0) != LUA_OK)
+    lua_pop(L, 1);
+}
+
+/* task.id, and the methods. */
+static int task_index(lua_State *L) {
+  lh_task *t = checktask(L, 1);
+  const char *k = lua_tostring(L, 2);
+  if (k != NULL && strcmp(k, "id") == 0) {
+    lua_pushinteger(L, (lua_Integer)t->id);
+    return 1;
+  }
+  lua_pushvalue(L, 2);
+  lua_rawget(L, lua_upvalueindex(1));
+  return 1;
+}
+
+/* }====================================================== */
+
 
 static int task_tostring(lua_State *L) {
   static const char *const names[] = {"running", "waiting", "ready", "done",
@@ -272,6 +436,7 @@ static const luaL_Reg task_funcs[] = {
   {"sleep", so_sleep},
   {"now", so_now},
   {"stats", so_stats},
+  {"tasks", so_tasks},
   {"cancel", so_cancel},
   {"deadline", so_deadline},
   {"first", so_first},
@@ -293,6 +458,7 @@ void lh_task_init(lua_State *L) {
   lua_pushcfunction(L, task_tostring);
   lua_setfield(L, -2, "__tostring");
   luaL_newlib(L, task_methods);
+  lua_pushcclosure(L, task_index, 1);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);
   luaL_newmetatable(L, FIRST_TNAME);

@@ -21,9 +21,13 @@ local h, p = so.sockname(listener)
 io.write("listening on ", h, ":", p, "\n")
 io.stdout:flush()
 
+-- Until the host drains (SIGTERM, SIGINT): then accept gives ECANCELED,
+-- and the clients' tasks have the drain period to finish.
 while true do
-  local conn = listener:accept()
+  local conn, _, name = listener:accept()
   if conn then
     so.spawn(serve_client, conn)  -- one task per connection, never awaited
+  elseif name == "ECANCELED" then
+    break
   end
 end

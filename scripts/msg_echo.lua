@@ -34,7 +34,12 @@ local l = assert(so.listen(host, port))
 local h, p = so.sockname(l)
 io.write("listening on ", h, ":", p, "\n")
 io.stdout:flush()
+-- Until the host drains (SIGTERM): then accept gives ECANCELED.
 while true do
-  local conn = so.accept(l)
-  if conn then so.spawn(serve_client, conn) end
+  local conn, _, name = so.accept(l)
+  if conn then
+    so.spawn(serve_client, conn)
+  elseif name == "ECANCELED" then
+    break
+  end
 end

@@ -19,6 +19,18 @@ function helper.start(script, ...)
 end
 
 -- helper.start, with shell commands to run first (e.g. "ulimit -n 64;").
+-- A line of the host's log at a level ("ERROR"), up to its message: a
+-- pattern.
+function helper.log_line(level)
+  return "%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ " .. level
+         .. " %[[^%]]+%] "
+end
+
+-- helper.start, with options for the host before the script (a string).
+function helper.start_opts(opts, script, ...)
+  return helper.start_with("", opts .. " " .. script, ...)
+end
+
 function helper.start_with(prefix, script, ...)
   local args = { ... }
   for i, a in ipairs(args) do args[i] = string.format("%q", tostring(a)) end
