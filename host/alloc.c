@@ -4,6 +4,7 @@
 ** system has no memory: the operation that allocates fails, and the host
 ** goes on (see lh_pushprotected for callbacks).
 */
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,4 +77,36 @@ lua_State *lh_newstate(size_t limit) {
     lua_setwarnf(L, l_warn, NULL);
   }
   return L;
+}
+
+/*
+** Memory that comes back. The collector runs only when Lua allocates, so
+** an idle host would keep garbage conns (and their descriptors) and its
+** peak heap. Once a second a timer looks: if no task has run since it
+** last looked, the host finishes a collection cycle and gives freed
+** memory back to the OS, once per idle spell. It keeps no loop alive.
+*/
+static uv_timer_t idle_timer;
+static uint64_t idle_seen;   /* run_seq when the timer last looked */
+static int idle_done;        /* collected in this idle spell */
+
+static void on_idle_check(uv_timer_t *timer) {
+  uint64_t seq = __atomic_load_n(&lh_H.run_seq, __ATOMIC_RELAXED);
+  (void)timer;
+  if (seq != idle_seen || lh_H.L == NULL) {
+    idle_seen = seq;
+    idle_done = 0;
+    return;
+  }
+  if (!idle_done) {
+    idle_done = 1;
+    lua_gc(lh_H.L, LUA_GCCOLLECT);
+    malloc_trim(0);
+  }
+}
+
+void lh_idle_gc_init(void) {
+  uv_timer_init(lh_H.loop, &idle_timer);
+  uv_timer_start(&idle_timer, on_idle_check, 1000, 1000);
+  uv_unref((uv_handle_t *)&idle_timer);
 }

@@ -109,6 +109,7 @@ static int resume(lua_State *L, lua_State *co, int nargs, int wrap,
      very chain of resumes) keeps its tag, and lua_resume refuses it. */
   int suspended = costatus(L, co) == CO_SUSPENDED;
   int status, nres, kind;
+  lua_State *prev;
   if (!lua_checkstack(co, nargs)) {
     lua_pushliteral(L, "too many arguments to resume");
     status = LUA_ERRRUN;
@@ -124,7 +125,9 @@ static int resume(lua_State *L, lua_State *co, int nargs, int wrap,
   if (suspended)
     LH_EXTRA(co) = ((mine != 0 && lua_isyieldable(L)) ? (mine | LH_NESTED)
                     : 0) | (LH_EXTRA(co) & LH_OWNDL);
+  prev = lh_guard_enter(co);
   status = lua_resume(co, L, nargs, &nres);
+  lh_guard_leave(prev);
   kind = status == LUA_YIELD ? lh_yieldkind(co, nres) : LH_YIELD_PLAIN;
   if (kind != LH_YIELD_PLAIN) {
     /* A yield of the host's: co is tagged, so L could yield when it

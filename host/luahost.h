@@ -94,6 +94,7 @@ struct lh_task {
   unsigned in_first : 1;    /* started by so.first (see u) */
   unsigned held : 1;        /* a so.first loser: its wait abandoned */
   unsigned by_deadline : 1; /* its wait's deadline is so.deadline's */
+  unsigned runaway : 1;     /* the guard stopped it in this run (logged) */
 };
 
 enum {
@@ -188,6 +189,10 @@ typedef struct lh_host {
   uv_timer_t deadline_timer; /* the earliest deadline of any wait */
   long ntasks, nconns, nlisteners; /* live counts, for so.stats */
   uint64_t next_id;       /* the next task's id */
+  /* For the runaway guard's watchdog thread (see guard.c): the Lua thread
+     that runs now (NULL: none), and a count of resumes and returns. */
+  lua_State *running;
+  uint64_t run_seq;
   /* Counters since start, for so.stats. */
   uint64_t accepts, bytes_in, bytes_out, timeouts, errors;
 } lh_host;
@@ -196,6 +201,7 @@ extern lh_host lh_H;
 
 /* alloc.c */
 lua_State *lh_newstate(size_t limit);
+void lh_idle_gc_init(void);
 
 /* log.c */
 enum { LH_LOG_DEBUG, LH_LOG_INFO, LH_LOG_WARN, LH_LOG_ERROR };
@@ -266,6 +272,21 @@ void lh_task_open(lua_State *L);
 void lh_task_init(lua_State *L);
 void lh_task_dump(void);
 void lh_cancel_all(lua_State *L);
+
+/* guard.c, and what the scheduler tells it */
+int lh_guard_start(double seconds);
+
+static inline lua_State *lh_guard_enter(lua_State *co) {
+  lua_State *prev = lh_H.running;
+  __atomic_store_n(&lh_H.running, co, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&lh_H.run_seq, 1, __ATOMIC_RELAXED);
+  return prev;
+}
+
+static inline void lh_guard_leave(lua_State *prev) {
+  __atomic_store_n(&lh_H.running, prev, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&lh_H.run_seq, 1, __ATOMIC_RELAXED);
+}
 
 /* drain.c */
 extern int64_t lh_drain_ms;

@@ -31,6 +31,8 @@ static void usage(FILE *f) {
           "  --max-memory SIZE  cap the Lua heap (bytes, or with K, M, G)\n"
           "  --log-level LEVEL  debug, info (default), warn or error\n"
           "  --drain SECONDS    how long a drain may take (default 3)\n"
+          "  --task-budget SECONDS  stop a task that runs that long without\n"
+          "                     waiting (default: off)\n"
           "  --help             show this help and exit\n"
           "  --version          show version information and exit\n"
           "  --                 stop handling options\n",
@@ -113,6 +115,11 @@ static void close_handle(uv_handle_t *h, void *arg) {
 ** close callbacks are done.
 */
 static void teardown(lua_State *L) {
+  /* The host is ending: a signal now (a second SIGTERM racing the exit)
+     must not turn the exit status into a death by signal. */
+  signal(SIGTERM, SIG_IGN);
+  signal(SIGINT, SIG_IGN);
+  signal(SIGQUIT, SIG_IGN);
   lh_H.L = NULL;
   lh_H.ready_head = lh_H.ready_tail = NULL;
   lua_close(L);
@@ -153,6 +160,7 @@ int main(int argc, char **argv) {
   lua_State *L;
   int script = 1, nargs, i, status;
   size_t max_memory = 0;
+  double task_budget = 0;
 
   while (script < argc && argv[script][0] == '-') {
     const char *opt = argv[script];
@@ -167,6 +175,17 @@ int main(int argc, char **argv) {
       if (script + 1 >= argc || (max_memory = parse_size(argv[script + 1]))
           == 0) {
         fprintf(stderr, "%s: --max-memory wants a size (e.g. 64M)\n",
+                progname);
+        return 2;
+      }
+      script += 2;
+      continue;
+    } else if (strcmp(opt, "--task-budget") == 0) {
+      char *end = NULL;
+      task_budget = script + 1 < argc ? strtod(argv[script + 1], &end) : -1;
+      if (end == NULL || *end != '\0' ||
+          !(task_budget >= 0.01 && task_budget < 1e6)) {
+        fprintf(stderr, "%s: --task-budget wants seconds (at least 0.01)\n",
                 progname);
         return 2;
       }
@@ -232,6 +251,12 @@ int main(int argc, char **argv) {
   lh_sched_init(L);
   lh_task_init(L);
   lh_drain_init(L);
+  lh_idle_gc_init();
+  if (task_budget > 0 && lh_guard_start(task_budget) != 0) {
+    fprintf(stderr, "%s: cannot start the task guard\n", progname);
+    teardown(L);
+    return 1;
+  }
 
   status = luaL_loadfile(L, argv[script]);
   if (status != LUA_OK) {

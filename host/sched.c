@@ -710,7 +710,7 @@ static void finish(lh_task *t, int status, int nres) {
     lua_checkstack(co, 2);  /* for report's pushthread */
     lua_pushvalue(co, -1);
     lua_xmove(co, L, 1);  /* L: error */
-    if (!handled(t))
+    if (!handled(t) && !t->runaway)
       report(L, co, t, "");
     lh_closethread(co, L);  /* runs pending <close> variables */
     /* The thread now holds the error value, or the error of a <close>
@@ -738,10 +738,13 @@ static void finish(lh_task *t, int status, int nres) {
 static void run(lh_task *t, int nargs, lua_State *from) {
   int nres, status;
   t->status = LH_TASK_RUNNING;
+  t->runaway = 0;
   t->since = (uint32_t)lh_now();
+  lua_State *prev = lh_guard_enter(t->co);
   lh_H.depth++;
   status = lua_resume(t->co, from, nargs, &nres);
   lh_H.depth--;
+  lh_guard_leave(prev);
   if (status == LUA_YIELD) {
     int kind = lh_yieldkind(t->co, nres);
     lua_pop(t->co, nres);

@@ -52,6 +52,10 @@ function helper.start_with(prefix, script, ...)
   end
   proc.host, proc.port = line:match("^listening on (.*):(%d+)$")
   proc.port = tonumber(proc.port)
+  -- Waits until it exits by itself; its exit code.
+  function proc:wait()
+    return self:stop("0")
+  end
   function proc:stop(signal)
     if not self.stopped then
       os.execute(string.format("kill -%s %d 2>/dev/null", signal or "TERM",

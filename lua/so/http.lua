@@ -54,7 +54,9 @@ M.defaults = {
   max_requests = false,       -- requests per connection; false: no limit
   drain = 64 * 1024,          -- unread body bytes drained to keep alive
   linger = 1,                 -- seconds to drain input before a close
-  log = false,                -- function(msg); default: stderr
+  log = false,                -- function(msg); default: so.log, "error"
+  access_log = false,         -- function(req, status, bytes, seconds), or
+                              -- true: one line a request through so.log
 }
 
 -- The Date header line of this second; the body of a request without one.
@@ -62,21 +64,50 @@ M.date_header = response.date_header
 M.empty_body = EMPTY
 
 --[[
-** Send FIN first and drop what the client still sends for a moment: a
-** close with unread input makes the kernel send RST, which may destroy the
-** response before the client has read it.
+** Send FIN first and drop what the client still sends for at most `linger`
+** seconds in all (a deadline, not a timeout for each read: a client that
+** sends a byte a second cannot keep the connection): a close with unread
+** input makes the kernel send RST, which may destroy the response before
+** the client has read it.
 ]]
+local function drop_input(conn)
+  local seen = 0
+  while seen < 1024 * 1024 do
+    local data = so_read(conn)
+    if not data or data == "" then break end
+    seen = seen + #data
+  end
+end
+
 local function close_gracefully(conn, linger)
-  if so_shutdown(conn) then
-    so_settimeout(conn, linger)
-    local seen = 0
-    while seen < 1024 * 1024 do
-      local data = so_read(conn)
-      if not data or data == "" then break end
-      seen = seen + #data
+  if so_shutdown(conn) then so.deadline(linger, drop_input, conn) end
+  so_close(conn)
+end
+
+--[[
+** The connections being served, for closing a server and for the drain:
+** each connection's state c, weakly (a task that ends forgets it).
+** c.idle is true while it waits for the next request; c.closing once its
+** server closes: the response in flight says Connection: close.
+]]
+local active = setmetatable({}, { __mode = "k" })
+
+local function close_conns(o)
+  for c in pairs(active) do
+    if o == nil or c.o == o then
+      c.closing = true
+      c.keep = false
+      if c.idle then so_close(c.conn) end  -- its read ends: it closes
     end
   end
-  so_close(conn)
+end
+
+-- One line a request, in the Common Log Format, with the duration.
+local function clf(req, status, bytes, seconds)
+  local host = so.peername(req.conn) or "-"
+  so.log("info", '%s - - [%s] "%s %s HTTP/%s" %d %s %.3f', host,
+         os.date("!%d/%b/%Y:%H:%M:%S +0000"), req.method, req.target,
+         req.version, status, bytes or "-", seconds)
 end
 
 --[[
@@ -85,6 +116,7 @@ end
 ]]
 local function handle(c, req, body)
   local o = c.o
+  local t0 = o.access_log and so_now()
   local ok, res, h, b = xpcall(c.handler, traceback, req, body)
   local status, headers, rbody
   if not ok then
@@ -110,7 +142,13 @@ local function handle(c, req, body)
     send_error(c.conn, body.status)
     return false
   end
+  if c.closing then c.keep = false end  -- the server closes meanwhile
   local keep, err_status = respond(c, req, body, status, headers, rbody)
+  if t0 then
+    local log = o.access_log == true and clf or o.access_log
+    log(req, err_status or status, type(rbody) == "string" and #rbody or nil,
+        so_now() - t0)
+  end
   if keep == false and err_status then
     send_error(c.conn, err_status)
     return false
@@ -126,6 +164,7 @@ local function normalize_opts(opts)
   if opts then for k, v in pairs(opts) do o[k] = v end end
   if not o.max_body then o.max_body = nil end
   if not o.log then o.log = nil end
+  if not o.access_log then o.access_log = nil end
   o.head_opts = { inclusive = true, limit = o.max_head }
   return o
 end
@@ -144,12 +183,17 @@ local function serve_conn(conn, handler, o)
   local keepalive, header_timeout = o.keepalive_timeout, o.header_timeout
   local served = 0
   local graceful = true
+  active[c] = true
   while true do
     local buf, pos = r.buf, r.pos
     if pos > #buf then
-      -- Idle: wait for the next request (r:fill() inlined).
+      -- Idle: wait for the next request (r:fill() inlined), unless the
+      -- server is closing.
+      if c.closing then break end
       if r.timeout ~= keepalive or r.dirty then r:settimeout(keepalive) end
+      c.idle = true
       buf = so_read(conn)
+      c.idle = false
       if not buf or buf == "" then graceful = false; break end
       pos = 1
       r.buf, r.pos = buf, 1
@@ -197,6 +241,7 @@ local function serve_conn(conn, handler, o)
       end
       served = served + 1
       if o.max_requests and served >= o.max_requests then c.keep = false end
+      if c.closing then c.keep = false end
       c.version, c.method = version, f.method
       setmetatable(headers, HeadersMT)
       req.conn = conn
@@ -206,7 +251,8 @@ local function serve_conn(conn, handler, o)
       break
     end
   end
-  if graceful then
+  active[c] = nil
+  if graceful and not c.closing then
     close_gracefully(conn, o.linger)
   else
     so_close(conn)
@@ -233,14 +279,28 @@ local Server = {}
 Server.__index = Server
 Server.__name = "so.http.server"
 
+-- Every server, weakly: the drain closes them all.
+local servers = setmetatable({}, { __mode = "k" })
+local on_drain_set = false
+
 function M.listen(host, port, handler, opts)
   if type(handler) ~= "function" then
     error("bad argument #3 to 'listen' (function expected)", 2)
   end
   local l, err, name = so.listen(host, port, opts and opts.backlog)
   if not l then return nil, err, name end
-  return setmetatable({ listener = l, handler = handler,
-                        opts = normalize_opts(opts), closed = false }, Server)
+  local srv = setmetatable({ listener = l, handler = handler,
+                             opts = normalize_opts(opts), closed = false },
+                           Server)
+  servers[srv] = true
+  if not on_drain_set then
+    on_drain_set = true
+    so.ondrain(function()
+      for s in pairs(servers) do s:close() end
+      close_conns(nil)  -- connections of http.serve_conn too
+    end)
+  end
+  return srv
 end
 
 function Server:sockname()
@@ -250,10 +310,10 @@ end
 function Server:serve()
   local l, handler, o = self.listener, self.handler, self.opts
   while not self.closed do
-    local conn, err = so.accept(l)
+    local conn, err, name = so.accept(l)
     if conn then
       so.spawn(serve_conn, conn, handler, o)
-    elseif self.closed then
+    elseif self.closed or name == "ECANCELED" then
       break
     else
       log_error(o, "accept failed", err)
@@ -262,10 +322,15 @@ function Server:serve()
   end
 end
 
+--[[
+** server:close(): no new connections; idle keep-alive connections close
+** at once; requests in flight finish, answered with Connection: close.
+]]
 function Server:close()
   if not self.closed then
     self.closed = true
     so_close(self.listener)
+    close_conns(self.opts)
   end
 end
 Server.__close = Server.close

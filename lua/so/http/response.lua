@@ -71,10 +71,9 @@ local function date_header()
   return date_line
 end
 
--- The log of handler errors and bad responses (opts.log).
+-- The log of handler errors and bad responses (opts.log): the host's.
 local function default_log(msg)
-  io.stderr:write(msg, "\n")
-  io.stderr:flush()
+  so.log("error", "%s", msg)
 end
 
 local function log_error(o, what, err)
