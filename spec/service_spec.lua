@@ -379,3 +379,51 @@ describe("so.http's linger", function()
     helper.join(serving)
   end)
 end)
+
+describe("so.http's access log", function()
+  it("calls a function after each response", function()
+    local http = require "so.http"
+    local seen = {}
+    local srv = assert(http.listen("127.0.0.1", 0, function(req)
+      return req.path == "/missing" and 404 or "hello"
+    end, { access_log = function(req, status, bytes, seconds)
+      seen[#seen + 1] = { req.method .. " " .. req.target, status, bytes,
+                          type(seconds) }
+    end }))
+    local h, p = srv:sockname()
+    local serving = so.spawn(function() srv:serve() end)
+    local c = assert(so.connect(h, p))
+    c:settimeout(5)
+    assert(c:write("GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n"))
+    response(c)
+    assert(c:write("GET /missing HTTP/1.1\r\nHost: x\r\n\r\n"))
+    response(c)
+    assert.same({ { "GET /a?b", 200, 5, "number" },
+                  { "GET /missing", 404, nil, "number" } }, seen)
+    c:close()
+    srv:close()
+    helper.join(serving)
+  end)
+
+  it("writes one line a request in the Common Log Format with true", function()
+    local path = script([[
+      local so = require "so"
+      local http = require "so.http"
+      local srv = assert(http.listen("127.0.0.1", 0, function() return "hi" end,
+                                     { access_log = true }))
+      local h, p = srv:sockname()
+      so.spawn(function() srv:serve() end)
+      local c = assert(so.connect(h, p))
+      c:write("GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+      while (c:read() or "") ~= "" do end
+      srv:close()
+    ]])
+    local code, _, err = helper.run("timeout -k 1 20 " .. helper.luahost
+                                    .. " " .. path)
+    os.remove(path)
+    assert.equal(0, code, err)
+    assert.matches("^" .. helper.log_line("INFO") .. "127%.0%.0%.1 %- %- "
+                   .. "%[%d%d/%a%a%a/%d%d%d%d:%d%d:%d%d:%d%d %+0000%] "
+                   .. '"GET /x HTTP/1%.1" 200 2 %d+%.%d%d%d\n$', err)
+  end)
+end)
