@@ -156,6 +156,22 @@ static size_t parse_size(const char *s) {
   return (size_t)n << shift;
 }
 
+/* A number of seconds, at least min; 0 if bad. */
+static int parse_seconds(const char *s, double min, double *out) {
+  char *end;
+  double v = strtod(s, &end);
+  if (end == s || *end != '\0' || !(v >= min && v < 1e9))
+    return 0;
+  *out = v;
+  return 1;
+}
+
+/* An option's value is missing or wrong: say what it wants; exit 2. */
+static int bad_value(const char *opt, const char *wants) {
+  fprintf(stderr, "%s: %s wants %s\n", progname, opt, wants);
+  return 2;
+}
+
 int main(int argc, char **argv) {
   lua_State *L;
   int script = 1, nargs, i, status;
@@ -164,6 +180,7 @@ int main(int argc, char **argv) {
 
   while (script < argc && argv[script][0] == '-') {
     const char *opt = argv[script];
+    const char *val = script + 1 < argc ? argv[script + 1] : NULL;
     if (strcmp(opt, "--") == 0) {
       script++;
       break;
@@ -172,42 +189,25 @@ int main(int argc, char **argv) {
              uv_version_string());
       return 0;
     } else if (strcmp(opt, "--max-memory") == 0) {
-      if (script + 1 >= argc || (max_memory = parse_size(argv[script + 1]))
-          == 0) {
-        fprintf(stderr, "%s: --max-memory wants a size (e.g. 64M)\n",
-                progname);
-        return 2;
-      }
+      if (val == NULL || (max_memory = parse_size(val)) == 0)
+        return bad_value(opt, "a size (e.g. 64M)");
       script += 2;
       continue;
     } else if (strcmp(opt, "--task-budget") == 0) {
-      char *end = NULL;
-      task_budget = script + 1 < argc ? strtod(argv[script + 1], &end) : -1;
-      if (end == NULL || *end != '\0' ||
-          !(task_budget >= 0.01 && task_budget < 1e6)) {
-        fprintf(stderr, "%s: --task-budget wants seconds (at least 0.01)\n",
-                progname);
-        return 2;
-      }
+      if (val == NULL || !parse_seconds(val, 0.01, &task_budget))
+        return bad_value(opt, "seconds (at least 0.01)");
       script += 2;
       continue;
     } else if (strcmp(opt, "--drain") == 0) {
-      char *end = NULL;
-      double s = script + 1 < argc ? strtod(argv[script + 1], &end) : -1;
-      if (end == NULL || *end != '\0' || !(s >= 0 && s < 1e9)) {
-        fprintf(stderr, "%s: --drain wants seconds (e.g. 3)\n", progname);
-        return 2;
-      }
+      double s;
+      if (val == NULL || !parse_seconds(val, 0, &s))
+        return bad_value(opt, "seconds (e.g. 3)");
       lh_drain_ms = (int64_t)(s * 1000);
       script += 2;
       continue;
     } else if (strcmp(opt, "--log-level") == 0) {
-      if (script + 1 >= argc ||
-          (lh_log_level = lh_log_parse(argv[script + 1])) < 0) {
-        fprintf(stderr, "%s: --log-level wants debug, info, warn or "
-                "error\n", progname);
-        return 2;
-      }
+      if (val == NULL || (lh_log_level = lh_log_parse(val)) < 0)
+        return bad_value(opt, "debug, info, warn or error");
       script += 2;
       continue;
     } else if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {

@@ -86,6 +86,15 @@ function helper.run(cmd)
   return code, out, err
 end
 
+-- Writes Lua source to a temporary script; returns its path.
+function helper.write_script(source)
+  local path = os.tmpname() .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(source)
+  f:close()
+  return path
+end
+
 -- Runs Lua source as the script of a child luahost, with arguments; the
 -- child is killed after 30 s, so a hang fails instead of stopping the run.
 -- Returns exit code, stdout, stderr, and the script's path (gone by then).

@@ -2,13 +2,7 @@
 local so = require "so"
 local helper = require "helper"
 
-local function script(source)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(source)
-  f:close()
-  return path
-end
+local script = helper.write_script
 
 local function luahost(args)
   return helper.run(helper.luahost .. " " .. args)

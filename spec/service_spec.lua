@@ -5,14 +5,7 @@ local so = require "so"
 local helper = require "helper"
 local lfs = require "lfs"
 
--- Writes Lua source to a temporary script; returns its path.
-local function script(source)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(source)
-  f:close()
-  return path
-end
+local script = helper.write_script
 
 local function signal(proc, sig)
   os.execute(string.format("kill -%s %d", sig, proc.pid))
