@@ -19,7 +19,10 @@
 #include <lauxlib.h>
 #include <uv.h>
 
-#define LUAHOST_VERSION "luahost 0.2.0"
+#ifndef LUAHOST_VERSION_NUM  /* CMake's project version */
+#define LUAHOST_VERSION_NUM "0.0.0"
+#endif
+#define LUAHOST_VERSION "luahost " LUAHOST_VERSION_NUM
 
 /* Nested resumes so.spawn makes before it queues new tasks instead. */
 #define LH_MAX_NESTED_SPAWNS 64

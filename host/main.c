@@ -17,9 +17,6 @@
 #ifndef LUAHOST_SOURCE_LUADIR
 #define LUAHOST_SOURCE_LUADIR ""
 #endif
-#ifndef LUAHOST_INSTALL_LUADIR
-#define LUAHOST_INSTALL_LUADIR ""
-#endif
 
 static const char *progname = "luahost";
 
@@ -50,41 +47,36 @@ static void raise_fd_limit(void) {
   }
 }
 
-static void add_dir(luaL_Buffer *b, const char *dir, const char *sub) {
-  char piece[4096 * 2 + 64];
-  if (dir[0] == '\0')
-    return;
-  snprintf(piece, sizeof piece, "%s%s/?.lua;%s%s/?/init.lua;", dir, sub, dir,
-           sub);
-  luaL_addstring(b, piece);
-}
-
 /*
-** package.path: the host's lua/ next to the binary (an install), where the
-** sources were at build time (the build tree), where `cmake --install`
-** put them; then what Lua itself searches (LUA_PATH or its default), so
-** Debian's Lua modules are found.
+** package.path: the host's own Lua modules first, then what Lua itself
+** searches (LUA_PATH or Debian's default), so Debian's modules are found.
+** The host's own: next to the binary, as installed ("../share/luahost/lua",
+** wherever the tree was moved), or else, for a binary in its build tree,
+** the source tree it was built from. An installed host never looks at a
+** source tree or at the prefix it was configured for.
 */
 static void set_path(lua_State *L) {
-  char exe[4096];
+  char exe[4096], dir[4096 + 32];
   size_t len = sizeof exe;
   char *slash;
-  luaL_Buffer b;
-  const char *oldpath;
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "path");  /* package oldpath */
-  oldpath = lua_tostring(L, -1);
-  luaL_buffinit(L, &b);
+  uv_fs_t req;
+  const char *own = LUAHOST_SOURCE_LUADIR;
   if (uv_exepath(exe, &len) == 0 && (slash = strrchr(exe, '/')) != NULL) {
     *slash = '\0';
-    add_dir(&b, exe, "/../share/luahost/lua");
+    snprintf(dir, sizeof dir, "%s/../share/luahost/lua", exe);
+    if (uv_fs_realpath(NULL, &req, dir, NULL) == 0 &&
+        strlen(req.ptr) < sizeof dir) {
+      strcpy(dir, req.ptr);
+      own = dir;
+    }
+    uv_fs_req_cleanup(&req);
   }
-  add_dir(&b, LUAHOST_SOURCE_LUADIR, "");
-  add_dir(&b, LUAHOST_INSTALL_LUADIR, "");
-  luaL_addstring(&b, oldpath);
-  luaL_pushresult(&b);  /* package oldpath newpath */
-  lua_setfield(L, -3, "path");
-  lua_pop(L, 2);
+  lua_getglobal(L, "package");
+  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", own, own);
+  lua_getfield(L, -2, "path");
+  lua_concat(L, 2);
+  lua_setfield(L, -2, "path");
+  lua_pop(L, 1);
 }
 
 /*
