@@ -131,7 +131,19 @@ static int so_listen(lua_State *L) {
     uv_freeaddrinfo(req.addrinfo);
   }
   l = lh_newsock(L, LH_SOCK_LISTENER);
-  err = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0);
+  if (lh_H.worker > 0) {
+    /* A worker's listener is the supervisor's socket for that address,
+       shared by every worker (see supervisor.c). */
+    char name[INET6_ADDRSTRLEN];
+    int fd;
+    if (ss.ss_family == AF_INET6)
+      uv_ip6_name((struct sockaddr_in6 *)&ss, name, sizeof name);
+    else
+      uv_ip4_name((struct sockaddr_in *)&ss, name, sizeof name);
+    fd = lh_worker_listen(name, (int)port, (int)backlog);
+    err = fd < 0 ? fd : uv_tcp_open(&l->tcp, fd);
+  } else
+    err = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0);
   if (err == 0)
     err = uv_listen((uv_stream_t *)&l->tcp, (int)backlog, on_connection);
   if (err < 0) {

@@ -186,6 +186,7 @@ typedef struct lh_host {
   int depth;              /* resumes in progress (0: called from the loop) */
   int exit_status;        /* what main returns */
   int draining;           /* a signal asked the host to stop */
+  int worker;             /* its number under --workers, else 0 */
   lh_task *ready_head, *ready_tail;
   uv_check_t ready_check; /* runs queued tasks after each poll */
   uv_idle_t ready_idle;   /* keeps poll from blocking while tasks are queued */
@@ -290,6 +291,13 @@ static inline void lh_guard_leave(lua_State *prev) {
   __atomic_store_n(&lh_H.running, prev, __ATOMIC_RELAXED);
   __atomic_add_fetch(&lh_H.run_seq, 1, __ATOMIC_RELAXED);
 }
+
+/* supervisor.c, worker.c */
+int lh_supervise(int n, char **argv);
+int lh_worker_init(void);
+void lh_worker_ready(void);
+int lh_worker_listen(const char *host, int port, int backlog);
+void lh_worker_open(lua_State *L);
 
 /* drain.c */
 extern int64_t lh_drain_ms;

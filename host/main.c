@@ -28,6 +28,7 @@ static void usage(FILE *f) {
           "  --max-memory SIZE  cap the Lua heap (bytes, or with K, M, G)\n"
           "  --log-level LEVEL  debug, info (default), warn or error\n"
           "  --drain SECONDS    how long a drain may take (default 3)\n"
+          "  --workers N        N worker processes (or auto: one per CPU)\n"
           "  --task-budget SECONDS  stop a task that runs that long without\n"
           "                     waiting (default: off)\n"
           "  --help             show this help and exit\n"
@@ -169,6 +170,7 @@ int main(int argc, char **argv) {
   int script = 1, nargs, i, status;
   size_t max_memory = 0;
   double task_budget = 0;
+  int workers = 0;
 
   while (script < argc && argv[script][0] == '-') {
     const char *opt = argv[script];
@@ -189,6 +191,16 @@ int main(int argc, char **argv) {
       if (val == NULL || !parse_seconds(val, 0.01, &task_budget))
         return bad_value(opt, "seconds (at least 0.01)");
       script += 2;
+      continue;
+    } else if (strcmp(opt, "--workers") == 0) {
+      workers = val == NULL ? 0 : strcmp(val, "auto") == 0
+                ? (int)uv_available_parallelism() : atoi(val);
+      if (workers < 1 || workers > 256)
+        return bad_value(opt, "a number from 1 to 256, or auto");
+      /* The workers get the same command line, less this option. */
+      memmove(argv + script, argv + script + 2,
+              (size_t)(argc - script - 1) * sizeof *argv);
+      argc -= 2;
       continue;
     } else if (strcmp(opt, "--drain") == 0) {
       double s;
@@ -217,6 +229,9 @@ int main(int argc, char **argv) {
   }
 
   raise_fd_limit();
+  if (workers > 0)
+    return lh_supervise(workers, argv);
+  lh_worker_init();
   signal(SIGPIPE, SIG_IGN);  /* a write to a reset conn returns EPIPE */
   /* Freed read strings (up to 256 KiB) must not be trimmed back to the
      kernel and faulted in again on every bulk read. */
@@ -263,6 +278,7 @@ int main(int argc, char **argv) {
 
 
   lh_spawn_main(L, nargs);
+  lh_worker_ready();
   if (lh_H.exit_status == 0)
     uv_run(lh_H.loop, UV_RUN_DEFAULT);
   status = lh_H.exit_status;

@@ -21,6 +21,7 @@ int luaopen_so(lua_State *L) {
   lh_task_open(L);
   lh_log_open(L);
   lh_drain_open(L);
+  lh_worker_open(L);
   lh_channel_open(L);
   lh_stream_open(L);
   lh_listener_open(L);
