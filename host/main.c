@@ -172,7 +172,8 @@ int main(int argc, char **argv) {
   double task_budget = 0;
   int workers = 0;
 
-  while (script < argc && argv[script][0] == '-') {
+  while (script < argc && argv[script][0] == '-' &&
+         argv[script][1] != '\0') {  /* "-" is a script: stdin */
     const char *opt = argv[script];
     const char *val = script + 1 < argc ? argv[script + 1] : NULL;
     if (strcmp(opt, "--") == 0) {
@@ -265,7 +266,9 @@ int main(int argc, char **argv) {
     return 1;
   }
 
-  status = luaL_loadfile(L, argv[script]);
+  /* "-": the standard input, as lua.c has it */
+  status = luaL_loadfile(L, strcmp(argv[script], "-") == 0 ? NULL
+                                                            : argv[script]);
   if (status != LUA_OK) {
     status = report_load_error(L);
     teardown(L);
