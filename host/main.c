@@ -118,6 +118,9 @@ static void teardown(lua_State *L) {
   lua_close(L);
   lh_sched_close();
   uv_walk(lh_H.loop, close_handle, NULL);
+  /* A uv_stop before (the script raised) would end this run at once: a
+     first run clears it, the second runs the close callbacks. */
+  uv_run(lh_H.loop, UV_RUN_NOWAIT);
   uv_run(lh_H.loop, UV_RUN_DEFAULT);
   if (uv_loop_close(lh_H.loop) != 0)  /* a handle outlived its owner */
     fprintf(stderr, "%s: internal error: handles left open at exit\n",

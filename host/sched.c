@@ -901,6 +901,13 @@ int lh_spawn_main(lua_State *L, int nargs) {
   lh_task *t;
   int chunk = lua_gettop(L) - nargs;
   t = lh_newtask(L, chunk);  /* chunk args... task */
+  {  /* its "spawn site": the script */
+    lua_Debug ar;
+    lua_pushvalue(L, chunk);
+    lua_getinfo(L, ">S", &ar);
+    lua_pushstring(L, ar.short_src);
+    t->site = keep_site(L);
+  }
   lua_replace(L, chunk);  /* task args... */
   main_task = t;
   lh_start(L, t, nargs);

@@ -3,6 +3,7 @@
 --   GET /        200 "hello world\n"
 --   POST /echo   the request body, streamed back as it arrives
 --   GET /stream  a chunked response produced piece by piece
+--   GET /raise   a handler that raises: 500, the error in the log
 --   otherwise    404
 local so = require "so"
 local http = require "so.http"
@@ -29,6 +30,8 @@ local function handler(req, body)
       if i > 1 then so.sleep(0.01) end
       return "piece " .. i .. "\n"
     end }
+  elseif path == "/raise" then
+    error("this handler raises, on purpose")
   end
   return NOT_FOUND
 end
