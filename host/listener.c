@@ -53,11 +53,11 @@ static void on_connection(uv_stream_t *server, int status) {
   }
   /* Out of memory for the conn's userdata, the task gets ENOMEM and the
      connection stays with libuv for the next accept. */
-  n = lh_pushprotected(t->co, accept_protected, l);
-  if (n < 0)
+  n = lh_pushprotected(t, accept_protected, l);
+  if (n == -1)
     lh_resume_err(t, UV_ENOMEM);
-  else
-    lh_resume(t, n);
+  else if (n >= 0)
+    lh_resume(t, n);  /* (-2: a finalizer cancelled t meanwhile) */
 }
 
 static void cancel_accept(lh_task *t) {

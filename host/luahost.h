@@ -246,7 +246,7 @@ int lh_push_results(lua_State *L, lh_task *t);
 int lh_cancel(lua_State *L, lh_task *t);
 int lh_unwind(lua_State *L);
 int lh_yieldkind(lua_State *co, int nres);
-int lh_pushprotected(lua_State *to, lua_CFunction f, void *ud);
+int lh_pushprotected(lh_task *t, lua_CFunction f, void *ud);
 int lh_spawn_main(lua_State *L, int nargs);
 int lh_closethread(lua_State *co, lua_State *from);
 

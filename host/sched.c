@@ -466,25 +466,31 @@ static void on_ready(uv_check_t *check) {
 ** Calls f(ud) on the main state under protection and moves its results to
 ** `to`: how a callback builds values (a string read, a conn accepted) that
 ** may fail to allocate, without raising where nothing can catch. The
-** count moved, or -1 when f raised (out of memory) and nothing moved.
+** count moved to t, or -1 when f raised (out of memory), or -2 when t
+** stopped waiting meanwhile (a __gc that f's allocations set off
+** cancelled it): then nothing moved, and t must not be resumed.
 */
-int lh_pushprotected(lua_State *to, lua_CFunction f, void *ud) {
-  lua_State *L = lh_H.L;
+int lh_pushprotected(lh_task *t, lua_CFunction f, void *ud) {
+  lua_State *L = lh_H.L, *to = t->co;
   int top = lua_gettop(L), n;
-  if (!lua_checkstack(L, 2))
+  if (!lua_checkstack(L, 3))
     return -1;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref);  /* t lives through f */
+  top++;
   lua_pushcfunction(L, f);
   lua_pushlightuserdata(L, ud);
-  if (lua_pcall(L, 1, LUA_MULTRET, 0) != LUA_OK) {
-    lua_settop(L, top);
-    return -1;
-  }
-  n = lua_gettop(L) - top;
-  if (!lua_checkstack(to, n)) {
-    lua_settop(L, top);
-    return -1;
+  if (lua_pcall(L, 1, LUA_MULTRET, 0) != LUA_OK)
+    n = -1;
+  else if (t->wait.kind == NULL)  /* a __gc that f set off cancelled t */
+    n = -2;
+  else if (!lua_checkstack(to, n = lua_gettop(L) - top))
+    n = -1;
+  if (n < 0) {
+    lua_settop(L, top - 1);
+    return n;
   }
   lua_xmove(L, to, n);
+  lua_pop(L, 1);  /* t */
   return n;
 }
 
@@ -596,6 +602,9 @@ static int format_error(lua_State *L) {
                     (const char *)lua_touserdata(L, 3));
     lua_concat(L, 2);
   }
+  lua_pushstring(L, (const char *)lua_touserdata(L, 4));  /* what */
+  lua_insert(L, -2);
+  lua_concat(L, 2);
   return 1;
 }
 
@@ -616,17 +625,16 @@ static void report(lua_State *L, lua_State *co, lh_task *t,
   } else
     lua_pushnil(L);
   lua_pushlightuserdata(L, co != NULL && t != NULL ? (void *)t->site : NULL);
-  if (lua_pcall(L, 3, 1, 0) != LUA_OK || lua_type(L, -1) != LUA_TSTRING) {
-    lua_pop(L, 1);
-    lua_pushliteral(L, "(error object cannot be printed)");
+  lua_pushlightuserdata(L, (void *)what);
+  {  /* a __tostring is script code: the runaway guard watches it too */
+    lua_State *prev = lh_guard_enter(L);
+    int status = lua_pcall(L, 4, 1, 0);
+    lh_guard_leave(prev);
+    if (status == LUA_OK && lua_type(L, -1) == LUA_TSTRING)
+      lh_log_string(LH_LOG_ERROR, t, lua_tostring(L, -1), lua_rawlen(L, -1));
+    else  /* out of memory, or a __tostring that raised: nothing to build */
+      lh_log(LH_LOG_ERROR, t, "%s(error object cannot be printed)", what);
   }
-  if (*what != '\0') {
-    lua_pushstring(L, what);
-    lua_insert(L, -2);
-    lua_concat(L, 2);
-  }
-  lh_log_string(LH_LOG_ERROR, t, lua_tostring(L, -1),
-                lua_rawlen(L, -1));
   lua_pop(L, 1);
 }
 
@@ -653,12 +661,17 @@ static void release(lh_task *t) {
 ** is left on co's stack); LUA_OK or that error's status.
 */
 int lh_closethread(lua_State *co, lua_State *from) {
+  /* <close> handlers are script code: the runaway guard watches them */
+  lua_State *prev = lh_guard_enter(co);
+  int status;
 #if LUA_VERSION_NUM >= 504 && LUA_VERSION_RELEASE_NUM >= 50406
-  return lua_closethread(co, from);
+  status = lua_closethread(co, from);
 #else
   (void)from;
-  return lua_resetthread(co);
+  status = lua_resetthread(co);
 #endif
+  lh_guard_leave(prev);
+  return status;
 }
 
 /*

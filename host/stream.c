@@ -75,9 +75,10 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
     read_result r = {buf->base, nread > 0 ? (size_t)nread : 0};
     if (nread == UV_EOF)
       s->flags |= LH_SOCK_EOF;
-    if (lh_pushprotected(t->co, push_read, &r) == 1)
+    int n = lh_pushprotected(t, push_read, &r);
+    if (n == 1)
       lh_resume(t, 1);
-    else {
+    else if (n == -1) {
       s->err = UV_ENOMEM;
       lh_resume_err(t, UV_ENOMEM);
     }

@@ -318,8 +318,8 @@ static const char *state_name(lh_task *t) {
 static const char *waiting_on(lh_task *t, char *buf, size_t size) {
   const lh_waitkind *kind = t->wait.kind;
   size_t n;
-  if (kind == NULL || t->status != LH_TASK_WAITING)
-    return NULL;
+  if (kind == NULL || t->status != LH_TASK_WAITING || t->queued)
+    return NULL;  /* so.sleep(0): "ready" */
   n = (size_t)snprintf(buf, size, "%s", kind->name);
   if (kind->describe != NULL && n + 1 < size) {
     buf[n++] = ' ';

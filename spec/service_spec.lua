@@ -420,3 +420,84 @@ describe("so.http's access log", function()
                    .. '"GET /x HTTP/1%.1" 200 2 %d+%.%d%d%d\n$', err)
   end)
 end)
+
+describe("what an attack on the host found", function()
+  local function run(opts, source)
+    local path = script(source)
+    local code, out, err = helper.run("timeout -s KILL 30 " .. helper.luahost
+                                      .. " " .. opts .. " " .. path)
+    os.remove(path)
+    return code, out, err
+  end
+
+  it("reports a task's error when the heap is full, and goes on", function()
+    local code, out, err = run("--max-memory 1M", [[
+      local so = require "so"
+      local hog = {}
+      so.spawn(function()
+        so.sleep(0.01)
+        pcall(function() local i = 0 while true do i = i + 1 hog[i] = {} end end)
+        error("failed while memory is full")
+      end)
+      so.spawn(function() so.sleep(0.2) hog = nil print("still runs") end)
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("still runs\n", out)
+    assert.matches(helper.log_line("ERROR"), err)
+  end)
+
+  it("never resumes a reader that a finalizer cancelled inside the read "
+     .. "callback", function()
+    local code, out, err = run("", [[
+      local so = require "so"
+      local l = assert(so.listen("127.0.0.1", 0))
+      local _, port = so.sockname(l)
+      local T
+      local W = so.spawn(function()
+        local c <close> = assert(l:accept())
+        local big = string.rep("x", 200000)
+        for _ = 1, 100 do if not c:write(big) then break end end
+      end)
+      local c = assert(so.connect("127.0.0.1", port))
+      T = so.spawn(function()
+        while true do
+          for _ = 1, 50 do
+            setmetatable({}, { __gc = function()
+              local _, main = coroutine.running()
+              if main and T then local t = T; T = nil; so.cancel(t) end
+            end })
+          end
+          local d = c:read()
+          if not d or d == "" then break end
+        end
+      end)
+      print(so.join(T))
+      c:close()
+      so.join(W)
+      local st = so.stats()
+      print(st.tasks, st.errors)
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("false\tcancelled\n1\t0\n", out)
+    assert.not_matches("ERROR", err)
+  end)
+
+  it("stops a <close> handler that spins while its task is cancelled",
+     function()
+    local code, out, err = run("--task-budget 0.2", [[
+      local so = require "so"
+      local t = so.spawn(function()
+        local _ <close> = setmetatable({}, { __close = function()
+          while true do end
+        end })
+        so.sleep(10)
+      end)
+      so.sleep(0.01)
+      print(so.cancel(t))
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("true\n", out)
+    assert.matches("error in a <close> variable: task ran for more than 0.2 s",
+                   err)
+  end)
+end)
