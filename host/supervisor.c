@@ -331,8 +331,9 @@ static void on_signal(uv_signal_t *sig, int signum) {
     signal_workers(SIGTERM, -1);
     if (live_workers() == 0)
       uv_stop(lh_H.loop);
-  } else {
-    signal_workers(SIGTERM, -1);  /* the second: at once, in each worker */
+  } else {  /* the second: at once, even a worker whose loop is stuck */
+    lh_log(LH_LOG_WARN, NULL, "drain: second signal, killing every worker");
+    signal_workers(SIGKILL, -1);
   }
 }
 

@@ -147,6 +147,28 @@ describe("luahost --workers", function()
     assert.is_true(so.now() - t0 < 3)
   end)
 
+  it("kills every worker on a second signal, even one whose loop is stuck",
+     function()
+    local proc = start([[
+      print("listening on 127.0.0.1:1")
+      io.stdout:flush()
+      while true do end   -- no signal is ever handled here
+    ]])
+    finally(function() finish(proc) end)
+    so.sleep(0.3)
+    kill("TERM", proc.pid)
+    so.sleep(0.3)
+    kill("TERM", proc.pid)
+    assert.is_true(helper.wait_until(function()   -- gone, or a zombie
+      local f = io.open("/proc/" .. proc.pid .. "/stat")
+      local st = f and f:read("a"):match("%) (%a)")
+      if f then f:close() end
+      return st == nil or st == "Z"
+    end, 5), "the supervisor did not exit")
+    assert.equal(0, proc:wait())
+    assert.matches("second signal, killing every worker", proc.stderr)
+  end)
+
   it("reloads five times in a row with no refused and no reset connection",
      function()
     local proc = start(SERVER)
