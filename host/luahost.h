@@ -7,8 +7,10 @@
 ** wait leaves the results on the task's stack and resumes it from the loop.
 **
 ** Files depend on each other in one direction only:
-**   main.c -> so.c -> task.c, channel.c, stream.c, listener.c
-**          -> sock.c -> sched.c, coro.c -> aux.c, error.c
+**   main.c -> supervisor.c (--workers), drain.c, so.c
+**   so.c -> task.c, channel.c, stream.c, listener.c, log.c, worker.c
+**   stream.c, listener.c -> sock.c -> sched.c, coro.c, guard.c
+**   everything -> log.c, alloc.c, aux.c, error.c
 */
 #ifndef LUAHOST_H
 #define LUAHOST_H
