@@ -7,9 +7,11 @@
 ** wait leaves the results on the task's stack and resumes it from the loop.
 **
 ** Files depend on each other in one direction only:
-**   main.c -> supervisor.c (--workers), drain.c, so.c
+**   main.c -> supervisor.c (--workers), drain.c, tls.c (so.tls), so.c
+**   tls.c -> tlsctx.c, so.c (the conn class), stream.c
 **   so.c -> task.c, channel.c, stream.c, listener.c, log.c, worker.c
-**   stream.c, listener.c -> sock.c -> sched.c, coro.c, guard.c
+**   stream.c, listener.c -> sock.c
+**   sock.c -> sched.c, coro.c, guard.c
 **   everything -> log.c, alloc.c, aux.c, error.c
 */
 #ifndef LUAHOST_H
@@ -167,6 +169,25 @@ enum {
 };
 
 /*
+** A layer over a conn's bytes (TLS), as nginx switches a connection's
+** recv and send to SSL's: the conn's handle's `data` points at a struct
+** whose first member points at these, and so.read, so.write and
+** so.shutdown go through them. sock.c and stream.c know no more of it.
+*/
+typedef struct lh_layer {
+  /* so.read and so.write for the conn, with the checks common to both
+     done (the data checked: a string or an array of strings, total bytes) */
+  int (*read)(lua_State *L, lh_sock *s, lh_task *t);
+  int (*write)(lua_State *L, lh_sock *s, lh_task *t, int data, size_t total);
+  /* so.shutdown's part before the TCP shutdown: 0, or a libuv error */
+  int (*shutdown)(lh_sock *s);
+  /* the conn closes: send what a close sends, free the layer */
+  void (*close)(lh_sock *s);
+} lh_layer;
+
+#define lh_layerof(s) (*(const lh_layer **)(s)->tcp.data)
+
+/*
 ** The Lua side of a socket. A tag instead of a metatable lookup on every
 ** call: the check is a compare, and C modules' userdata never carry it.
 */
@@ -178,6 +199,7 @@ typedef struct lh_sockref {
 #define LH_TAG_CONN     UINT64_C(0x6c756168636f6e6e) /* "luahconn" */
 #define LH_TAG_LISTENER UINT64_C(0x6c7561686c73746e) /* "luahlstn" */
 #define LH_TAG_CHANNEL  UINT64_C(0x6c7561686368616e) /* "luahchan" */
+#define LH_TAG_TLSCTX   UINT64_C(0x6c7561687463747a) /* "luahtctz" */
 
 #define LH_TASK_TNAME "task"
 
@@ -261,6 +283,7 @@ lh_sock *lh_checklistener(lua_State *L, int arg);
 lh_sock *lh_newsock(lua_State *L, unsigned flags);
 int lh_sock_renew(lh_sockref *ref);
 void lh_sock_close(lua_State *L, int idx);
+void lh_sock_move(lua_State *L, lh_sockref *from);
 void lh_sock_closeref(lh_sockref *ref);
 void lh_sock_open(lua_State *L);
 void lh_sock_shut_listeners(void);
@@ -271,8 +294,26 @@ void lh_sock_addr(const uv_tcp_t *tcp, int peer, char *buf, size_t size);
 int lh_getaddrinfo(uv_getaddrinfo_t *req, uv_getaddrinfo_cb cb,
                    const char *host, int port, int flags);
 
-/* stream.c, listener.c, task.c, channel.c */
+/* stream.c */
+void lh_stream_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+int lh_stream_start(lh_sock *s, uv_read_cb cb);
+void lh_stream_stop(lh_sock *s);
+int lh_stream_wait_read(lua_State *L, lh_sock *s, lh_task *t, uv_read_cb cb);
+int lh_stream_send(lh_sock *s, char *buf, size_t len);
+int lh_stream_write_owned(lua_State *L, lh_sock *s, lh_task *t, char *buf,
+                          size_t len);
 void lh_stream_open(lua_State *L);
+
+/* tlsctx.c: TLS contexts; tls.c: TLS conns and the so.tls module */
+struct ssl_ctx_st;
+int lh_tls_pusherror(lua_State *L, const char *what);
+struct ssl_ctx_st *lh_tls_checkctx(lua_State *L, int arg, int *server);
+int lh_tls_server(lua_State *L);
+int lh_tls_client(lua_State *L);
+void lh_tlsctx_open(lua_State *L);
+int luaopen_so_tls(lua_State *L);
+
+/* listener.c, task.c, channel.c */
 void lh_listener_open(lua_State *L);
 void lh_task_open(lua_State *L);
 void lh_task_init(lua_State *L);

@@ -256,6 +256,8 @@ int main(int argc, char **argv) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
   lua_pushcfunction(L, luaopen_so);
   lua_setfield(L, -2, "so");
+  lua_pushcfunction(L, luaopen_so_tls);
+  lua_setfield(L, -2, "so.tls");
   lua_pop(L, 1);
   set_arg(L, argv, argc, script);
   lh_error_init(L);

@@ -154,6 +154,10 @@ void lh_sock_closeref(lh_sockref *ref) {
     lh_H.nconns--;
   if (lh_H.L != NULL)  /* not at lua_close: tasks may still run */
     cancel_waiters(s);
+  if (s->tcp.data != NULL) {  /* TLS: its goodbye, and its memory */
+    lh_layerof(s)->close(s);
+    s->tcp.data = NULL;
+  }
   s->flags |= LH_SOCK_DETACHED;
   if (s->flags & LH_SOCK_CLOSED)
     free(s);
@@ -185,6 +189,19 @@ void lh_sock_shut_listeners(void) {
 /* Closes the conn or listener at idx, as so.close does. */
 void lh_sock_close(lua_State *L, int idx) {
   lh_sock_closeref(lua_touserdata(L, idx));
+}
+
+/*
+** Pushes a new conn that takes over from's socket; from then reads as
+** closed. What tls.wrap returns: the plain conn must not be read under
+** the TLS one.
+*/
+void lh_sock_move(lua_State *L, lh_sockref *from) {
+  lh_sockref *ref = lua_newuserdatauv(L, sizeof *ref, 0);
+  ref->tag = LH_TAG_CONN;
+  ref->s = from->s;
+  from->s = NULL;
+  luaL_setmetatable(L, CONN_TNAME);
 }
 
 /* so.close(obj): closes a conn or a listener; true, also when closed. */

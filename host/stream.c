@@ -28,13 +28,25 @@ static char readbuf[256 * 1024];
 ** so.read
 ** ======================================================= */
 
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+/* The read buffer for every conn, plain or TLS. */
+void lh_stream_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   (void)h;
   (void)suggested;
   *buf = uv_buf_init(readbuf, sizeof readbuf);
 }
 
-static void stop_reading(lh_sock *s) {
+/* Reads from the OS into cb, unless already reading: 0, or an error. */
+int lh_stream_start(lh_sock *s, uv_read_cb cb) {
+  if (!(s->flags & LH_SOCK_READING)) {
+    int err = uv_read_start((uv_stream_t *)&s->tcp, lh_stream_alloc, cb);
+    if (err < 0)
+      return err;
+    s->flags |= LH_SOCK_READING;
+  }
+  return 0;
+}
+
+void lh_stream_stop(lh_sock *s) {
   if (s->flags & LH_SOCK_READING) {
     uv_read_stop((uv_stream_t *)&s->tcp);
     s->flags &= ~LH_SOCK_READING;
@@ -63,7 +75,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
     if (nread > 0)
       fprintf(stderr, "luahost: internal error: %zd bytes read with no "
               "reader\n", nread);
-    stop_reading(s);
+    lh_stream_stop(s);
     return;
   }
   s->w.reader = NULL;
@@ -89,13 +101,13 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   /* The task is often back in so.read already: then keep reading, which
      saves the two epoll_ctl calls of a stop and a start. */
   if (s->w.reader == NULL && !uv_is_closing((uv_handle_t *)stream))
-    stop_reading(s);
+    lh_stream_stop(s);
 }
 
 static void cancel_read(lh_task *t) {
   lh_sock *s = t->wait.on;
   s->w.reader = NULL;
-  stop_reading(s);
+  lh_stream_stop(s);
 }
 
 static void describe_read(lh_task *t, char *buf, size_t size) {
@@ -103,7 +115,7 @@ static void describe_read(lh_task *t, char *buf, size_t size) {
 }
 
 static const lh_waitkind read_kind = {"read", cancel_read, NULL, LH_WAIT_NET,
-                                      describe_read};
+                                  describe_read};
 
 /* A request's conn's peer: what write and shutdown wait on. */
 static void describe_req(lh_task *t, char *buf, size_t size) {
@@ -123,18 +135,25 @@ static int so_read(lua_State *L) {
   if (s->w.reader != NULL)
     return luaL_error(L, "conn is already being read by another task");
   t = lh_checktask_caller(L, "read");
+  if (s->tcp.data != NULL)
+    return lh_layerof(s)->read(L, s, t);
   if (s->err != 0)
     return lh_pusherror(L, s->err);
   if (s->flags & LH_SOCK_EOF) {
     lua_pushliteral(L, "");
     return 1;
   }
-  if (!(s->flags & LH_SOCK_READING)) {
-    int err = uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read);
-    if (err < 0)
-      return lh_pusherror(L, err);
-    s->flags |= LH_SOCK_READING;
-  }
+  return lh_stream_wait_read(L, s, t, on_read);
+}
+
+/*
+** so.read's wait, with cb reading (plain conns' on_read, or TLS's): t
+** becomes the conn's reader until cb resumes it.
+*/
+int lh_stream_wait_read(lua_State *L, lh_sock *s, lh_task *t, uv_read_cb cb) {
+  int err = lh_stream_start(s, cb);
+  if (err < 0)
+    return lh_pusherror(L, err);
   s->w.reader = t;
   return lh_wait(L, t, &read_kind, s, s->timeout);
 }
@@ -150,12 +169,14 @@ typedef struct write_req {
   uv_write_t req;
   lh_task *task;  /* the writer, NULL once it stopped waiting (timeout) */
   int data_ref;   /* what the buffers point into, until the callback */
+  char *owned;    /* or the buffer itself, freed then (TLS's records) */
   size_t len;     /* bytes it hands the OS, for so.stats */
 } write_req;
 
 static void on_write(uv_write_t *r, int status) {
   write_req *req = (write_req *)r;
   lh_task *t = req->task;
+  free(req->owned);
   if (lh_H.L == NULL) {  /* lua_close has run: only memory is left */
     free(req);
     return;
@@ -276,6 +297,8 @@ static int so_write(lua_State *L) {
   unsigned nbufs;
   int written, err, ref;
   write_req *req;
+  if (s->tcp.data != NULL)
+    return lh_layerof(s)->write(L, s, t, 2, total);
   if (total == 0) {
     lua_pushboolean(L, 1);
     return 1;
@@ -301,6 +324,7 @@ static int so_write(lua_State *L) {
   }
   req->task = t;
   req->data_ref = ref;
+  req->owned = NULL;
   req->len = total - (written > 0 ? (size_t)written : 0);
   nbufs = fill_pieces(L, lua_gettop(L), written > 0 ? (size_t)written : 0);
   err = uv_write(&req->req, (uv_stream_t *)&s->tcp, pieces, nbufs, on_write);
@@ -308,6 +332,69 @@ static int so_write(lua_State *L) {
     luaL_unref(L, LUA_REGISTRYINDEX, req->data_ref);
     free(req);
     return lh_pusherror(L, err);
+  }
+  return lh_wait(L, t, &write_kind, req, s->timeout);
+}
+
+/*
+** Sends buf[0..len) (malloc'd: the send owns it from now on) after what
+** is queued on s. 1 when the OS took it all at once; 0 when queued, with
+** *reqp its request; or a libuv error.
+*/
+static int send_owned(lh_sock *s, char *buf, size_t len, lh_task *t,
+                      write_req **reqp) {
+  uv_buf_t b = uv_buf_init(buf, (unsigned)len);
+  int written = uv_try_write((uv_stream_t *)&s->tcp, &b, 1), err;
+  write_req *req;
+  if (written > 0)
+    lh_H.bytes_out += (uint64_t)written;
+  if (written >= 0 && (size_t)written == len) {
+    free(buf);
+    return 1;
+  }
+  if (written < 0 && written != UV_EAGAIN) {
+    free(buf);
+    return written;
+  }
+  if (written < 0)
+    written = 0;
+  req = malloc(sizeof *req);
+  if (req == NULL) {
+    free(buf);
+    return UV_ENOMEM;
+  }
+  req->task = t;
+  req->data_ref = LUA_NOREF;
+  req->owned = buf;
+  req->len = len - (size_t)written;
+  b = uv_buf_init(buf + written, (unsigned)req->len);
+  err = uv_write(&req->req, (uv_stream_t *)&s->tcp, &b, 1, on_write);
+  if (err < 0) {
+    free(buf);
+    free(req);
+    return err;
+  }
+  *reqp = req;
+  return 0;
+}
+
+/* Sends buf as send_owned does, with nobody waiting: 0, or an error. */
+int lh_stream_send(lh_sock *s, char *buf, size_t len) {
+  write_req *req;
+  int r = send_owned(s, buf, len, NULL, &req);
+  return r < 0 ? r : 0;
+}
+
+/* so.write for a layer's bytes, buf as send_owned takes it. */
+int lh_stream_write_owned(lua_State *L, lh_sock *s, lh_task *t, char *buf,
+                          size_t len) {
+  write_req *req;
+  int r = send_owned(s, buf, len, t, &req);
+  if (r < 0)
+    return lh_pusherror(L, r);
+  if (r == 1) {
+    lua_pushboolean(L, 1);
+    return 1;
   }
   return lh_wait(L, t, &write_kind, req, s->timeout);
 }
@@ -346,8 +433,11 @@ static const lh_waitkind shutdown_kind = {"shutdown", cancel_shutdown, NULL,
 static int so_shutdown(lua_State *L) {
   lh_sock *s = lh_checkconn(L, 1);
   lh_task *t = lh_checktask_caller(L, "shutdown");
-  shutdown_req *req = malloc(sizeof *req);
+  shutdown_req *req;
   int err;
+  if (s->tcp.data != NULL && (err = lh_layerof(s)->shutdown(s)) < 0)
+    return lh_pusherror(L, err);
+  req = malloc(sizeof *req);
   if (req == NULL)
     return luaL_error(L, "not enough memory");
   req->task = t;

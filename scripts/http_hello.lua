@@ -5,9 +5,13 @@
 --   GET /stream  a chunked response produced piece by piece
 --   GET /raise   a handler that raises: 500, the error in the log
 --   otherwise    404
+--
+-- scripts/https_hello.lua runs this file with a TLS context as its first
+-- value (a script run from the command line gets strings there).
 local so = require "so"
 local http = require "so.http"
 
+local tls_ctx = type((...)) == "userdata" and (...) or nil
 local port = tonumber(arg[1]) or 1234
 local host = arg[2] or "127.0.0.1"
 
@@ -38,6 +42,7 @@ end
 
 local server = assert(http.listen(host, port, handler, {
   max_body = 4 * 1024 * 1024 * 1024,   -- /echo streams: 4 GiB is fine
+  tls = tls_ctx,
 }))
 local h, p = server:sockname()
 io.write("listening on ", h, ":", p, "\n")

@@ -38,14 +38,14 @@ describe("an installed luahost", function()
     sh(string.format("test -f %s/b/share/doc/luahost/api.md", tmp))
   end)
 
-  it("comes as a Debian package that depends on Debian's Lua and libuv and "
-     .. "runs scripts/echo.lua", function()
+  it("comes as a Debian package that depends on Debian's Lua, libuv, OpenSSL "
+     .. "and CA store, and runs scripts/echo.lua", function()
     local tmp = sh("mktemp -d"):gsub("\n$", "")
     finally(function() sh("rm -rf " .. tmp) end)
     sh(string.format("cpack --config %s/CPackConfig.cmake -G DEB -B %s",
                      build, tmp))
     local deb = sh(string.format("ls %s/luahost_*.deb", tmp)):gsub("\n$", "")
-    assert.equal("luahost\nliblua5.4-0, libuv1\n",
+    assert.equal("luahost\nliblua5.4-0, libuv1, libssl3, ca-certificates\n",
                  sh("dpkg-deb -f " .. deb .. " Package Depends"):gsub("%a+: ", ""))
     local files = sh("dpkg-deb -c " .. deb)
     for _, f in ipairs { "./usr/bin/luahost", "./usr/share/luahost/lua/so/http.lua",

@@ -22,6 +22,7 @@
 ]]
 
 local so = require "so"
+local tls = require "so.tls"
 local reader = require "so.reader"
 local parse = require "so.http.parse"
 local bodies = require "so.http.body"
@@ -57,6 +58,7 @@ M.defaults = {
   log = false,                -- function(msg); default: so.log, "error"
   access_log = false,         -- function(req, status, bytes, seconds), or
                               -- true: one line a request through so.log
+  tls = false,                -- a tls.server context: HTTPS
 }
 
 -- The Date header line of this second; the body of a request without one.
@@ -165,6 +167,7 @@ local function normalize_opts(opts)
   if not o.max_body then o.max_body = nil end
   if not o.log then o.log = nil end
   if not o.access_log then o.access_log = nil end
+  if not o.tls then o.tls = nil end
   o.head_opts = { inclusive = true, limit = o.max_head }
   return o
 end
@@ -260,6 +263,21 @@ local function serve_conn(conn, handler, o)
 end
 
 --[[
+** HTTPS: the TLS handshake, in the time a request head has, then HTTP. A
+** failed handshake costs only its connection: a line at level info, as
+** nginx logs one.
+]]
+local function serve_tls(conn, handler, o)
+  so_settimeout(conn, o.header_timeout)
+  local t, err = tls.wrap(conn, o.tls)
+  if not t then
+    so.log("info", "TLS handshake failed: " .. err)
+    return
+  end
+  return serve_conn(t, handler, o)
+end
+
+--[[
 ** http.serve_conn(conn, handler [, opts]): serve one connection in the
 ** calling task until it closes; closes it.
 ]]
@@ -267,7 +285,8 @@ function M.serve_conn(conn, handler, opts)
   if type(handler) ~= "function" then
     error("bad argument #2 to 'serve_conn' (function expected)", 2)
   end
-  return serve_conn(conn, handler, normalize_opts(opts))
+  local o = normalize_opts(opts)
+  return (o.tls and serve_tls or serve_conn)(conn, handler, o)
 end
 
 --[[
@@ -309,10 +328,11 @@ end
 
 function Server:serve()
   local l, handler, o = self.listener, self.handler, self.opts
+  local serve = o.tls and serve_tls or serve_conn
   while not self.closed do
     local conn, err, name = so.accept(l)
     if conn then
-      so.spawn(serve_conn, conn, handler, o)
+      so.spawn(serve, conn, handler, o)
     elseif self.closed or name == "ECANCELED" then
       break
     else
