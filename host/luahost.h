@@ -306,6 +306,7 @@ void lh_stream_open(lua_State *L);
 
 /* tlsctx.c: TLS contexts; tls.c: TLS conns and the so.tls module */
 struct ssl_ctx_st;
+const char *lh_tls_reason(void);
 int lh_tls_pusherror(lua_State *L, const char *what);
 struct ssl_ctx_st *lh_tls_checkctx(lua_State *L, int arg, int *server);
 int lh_tls_server(lua_State *L);

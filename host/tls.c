@@ -189,9 +189,9 @@ static void fail(lh_tls *tls, const char *why) {
   unsigned long e = ERR_peek_error();
   long vr = SSL_get_verify_result(tls->ssl);
   if (why == NULL)
-    why = tls->nomem ? "out of memory"
-        : e != 0 && ERR_reason_error_string(e) != NULL
-          ? ERR_reason_error_string(e) : "connection failed";
+    why = tls->nomem ? "out of memory" : lh_tls_reason();
+  if (why == NULL)
+    why = "connection failed";
   if (e != 0 && ERR_GET_REASON(e) == SSL_R_CERTIFICATE_VERIFY_FAILED &&
       vr != X509_V_OK)
     snprintf(buf, sizeof buf, "ETLS: %s (%s)", why,

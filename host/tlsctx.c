@@ -31,18 +31,30 @@ typedef struct tls_ctx {
 } tls_ctx;
 
 /*
-** nil, "ETLS: what: the first of OpenSSL's reasons", "ETLS"; clears
-** OpenSSL's error queue.
+** Why OpenSSL's last call failed: the first reason in its error queue
+** (the cause; later ones say where it surfaced), a system error as
+** strerror says it; NULL when the queue is empty.
+*/
+const char *lh_tls_reason(void) {
+  unsigned long e = ERR_peek_error();
+  if (e == 0)
+    return NULL;
+  if (ERR_SYSTEM_ERROR(e))
+    return strerror(ERR_GET_REASON(e));
+  return ERR_reason_error_string(e);
+}
+
+/*
+** nil, "ETLS: what: reason", "ETLS"; clears OpenSSL's error queue.
 */
 int lh_tls_pusherror(lua_State *L, const char *what) {
-  unsigned long e = ERR_peek_last_error();
-  const char *reason = e != 0 ? ERR_reason_error_string(e) : NULL;
-  ERR_clear_error();
+  const char *reason = lh_tls_reason();
   lua_pushnil(L);
   if (reason != NULL)
     lua_pushfstring(L, "ETLS: %s: %s", what, reason);
   else
     lua_pushfstring(L, "ETLS: %s", what);
+  ERR_clear_error();
   lua_pushliteral(L, "ETLS");
   return 3;
 }
