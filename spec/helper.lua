@@ -253,4 +253,170 @@ do
   end
 end
 
+-- A string quoted for the shell.
+function helper.shq(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- Runs a shell command in the background, in a session of its own, with
+-- stdout and stderr going to files, so that this process's tasks go on
+-- while it runs. Returns a handle: h:done() is its exit code once it has
+-- ended (else nil); h:wait([seconds]) waits (with so.sleep) and returns
+-- code, stdout, stderr, or nil, "timeout" after killing it; h:kill().
+--
+-- With `stdin` true its stdin is a FIFO that h:send(text) writes to and
+-- h:close_stdin() ends (else it is /dev/null).
+function helper.bg(cmd, stdin)
+  local base = os.tmpname()
+  local h = { out = base .. ".out", err = base .. ".err", rc = base .. ".rc",
+              base = base }
+  local input = "/dev/null"
+  if stdin then
+    input = base .. ".in"
+    assert(os.execute("mkfifo " .. input))
+  end
+  local inner = string.format("( %s ) <%s >%s 2>%s; echo $? >%s.tmp; "
+                              .. "mv %s.tmp %s", cmd, input, h.out, h.err,
+                              h.rc, h.rc, h.rc)
+  os.execute(string.format("setsid sh -c %s </dev/null >/dev/null 2>&1 & "
+                           .. "echo $! >%s.pid", helper.shq(inner), base))
+  local f = assert(io.open(base .. ".pid"))
+  h.pid = assert(tonumber(f:read("l")))
+  f:close()
+  if stdin then
+    -- (opening waits until the shell has opened its end: at once)
+    h.stdin = assert(io.open(input, "w"))
+    h.stdin:setvbuf("no")
+  end
+  function h:send(text) return self.stdin:write(text) end
+  function h:close_stdin()
+    if self.stdin then self.stdin:close(); self.stdin = nil end
+  end
+  local function slurp(path)
+    local fh = io.open(path)
+    if not fh then return "" end
+    local s = fh:read("a")
+    fh:close()
+    return s
+  end
+  function h:done()
+    local fh = io.open(self.rc)
+    if not fh then return nil end
+    local code = tonumber(fh:read("l"))
+    fh:close()
+    return code
+  end
+  -- What it has written so far.
+  function h:output() return slurp(self.out), slurp(self.err) end
+  function h:kill()
+    os.execute(string.format("kill -KILL -%d 2>/dev/null", self.pid))
+  end
+  function h:cleanup()
+    self:close_stdin()
+    for _, suffix in ipairs { "", ".out", ".err", ".rc", ".pid", ".in" } do
+      os.remove(base .. suffix)
+    end
+  end
+  function h:wait(seconds)
+    local ok = helper.wait_until(function() return self:done() ~= nil end,
+                                 seconds or 10)
+    local out, err = self:output()
+    if not ok then
+      self:kill()
+      self:cleanup()
+      return nil, "timeout", out, err
+    end
+    local code = self:done()
+    self:cleanup()
+    return code, out, err
+  end
+  return h
+end
+
+-- Certificates for the TLS specs, made with the openssl command in a new
+-- temporary directory: a private CA (ca.crt), leaf certificates signed by
+-- it (server: localhost and 127.0.0.1; other: other.test; wild:
+-- *.wild.test; client: a client certificate; expired: localhost, valid
+-- only on 2020-01-01), and a second CA (rogue.crt) with untrusted (a
+-- localhost server certificate) and rogueclient. Returns a table:
+-- certs.dir, certs.ca, certs.rogue_ca, certs.NAME = { cert =, key = },
+-- certs:remove().
+local CERTS_SH = [=[
+set -e
+d=$1; cd "$d"
+key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1"; }
+ca() { # name cn
+  key $1.key
+  openssl req -x509 -new -key $1.key -subj "/CN=$2" -days 30 -out $1.crt \
+    -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -addext "subjectKeyIdentifier=hash"
+}
+leaf() { # name cn san eku [ca]
+  key $1.key
+  openssl req -new -key $1.key -subj "/CN=$2" -out $1.csr
+  printf "basicConstraints=CA:FALSE\nsubjectAltName=%s\nextendedKeyUsage=%s\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n" \
+    "$3" "$4" > $1.ext
+  openssl x509 -req -in $1.csr -CA ${5:-ca}.crt -CAkey ${5:-ca}.key \
+    -CAcreateserial -days 30 -extfile $1.ext -out $1.crt
+}
+ca ca "luahost test CA"
+ca rogue "luahost rogue CA"
+leaf server localhost "DNS:localhost,IP:127.0.0.1" serverAuth
+leaf other other.test "DNS:other.test" serverAuth
+leaf wild "*.wild.test" "DNS:*.wild.test" serverAuth
+leaf client "luahost client" "email:client@example.com" clientAuth
+leaf untrusted localhost "DNS:localhost,IP:127.0.0.1" serverAuth rogue
+leaf rogueclient "rogue client" "email:rogue@example.com" clientAuth rogue
+# An expired one: openssl ca takes explicit validity dates.
+mkdir -p db; : > db/index.txt; echo 1000 > db/serial
+cat > ca.cnf <<CNF
+[ ca ]
+default_ca = test
+[ test ]
+database = $d/db/index.txt
+serial = $d/db/serial
+new_certs_dir = $d/db
+default_md = sha256
+policy = any
+copy_extensions = none
+x509_extensions = leaf
+unique_subject = no
+[ any ]
+commonName = supplied
+[ leaf ]
+basicConstraints = CA:FALSE
+subjectAltName = DNS:localhost,IP:127.0.0.1
+extendedKeyUsage = serverAuth
+CNF
+key expired.key
+openssl req -new -key expired.key -subj "/CN=localhost" -out expired.csr
+openssl ca -batch -config ca.cnf -cert ca.crt -keyfile ca.key \
+  -in expired.csr -out expired.crt -notext \
+  -startdate 20200101000000Z -enddate 20200102000000Z
+printf 'this is not a certificate\n' > garbage.pem
+]=]
+
+function helper.tls_certs()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(lfs.mkdir(dir))
+  local script = dir .. "/make.sh"
+  local f = assert(io.open(script, "w"))
+  f:write(CERTS_SH)
+  f:close()
+  local code, _, err = helper.run("sh " .. script .. " " .. dir)
+  assert(code == 0, "making certificates failed: " .. err)
+  local certs = { dir = dir, ca = dir .. "/ca.crt",
+                  rogue_ca = dir .. "/rogue.crt",
+                  garbage = dir .. "/garbage.pem" }
+  for _, name in ipairs { "server", "other", "wild", "client", "untrusted",
+                          "rogueclient", "expired" } do
+    certs[name] = { cert = dir .. "/" .. name .. ".crt",
+                    key = dir .. "/" .. name .. ".key" }
+  end
+  function certs:remove() os.execute("rm -rf " .. helper.shq(self.dir)) end
+  return certs
+end
+
 return helper
