@@ -15,15 +15,16 @@
 ** Pushes a conn for the connection libuv holds, or nil, msg, name.
 */
 static int accept_conn(lua_State *L, lh_sock *l) {
-  lh_sock *c = lh_newsock(L, 0);
-  int err = uv_accept((uv_stream_t *)&l->tcp, (uv_stream_t *)&c->tcp);
+  lh_sock *c = lh_newsock(L, l->flags & LH_SOCK_UNIX);
+  int err = uv_accept(&l->stream, &c->stream);
   l->flags &= ~LH_SOCK_PENDING;
   if (err < 0) {
     lh_sock_close(L, -1);
     lua_pop(L, 1);
     return lh_pusherror(L, err);
   }
-  uv_tcp_nodelay(&c->tcp, 1);  /* request-response protocols want it */
+  if (!(c->flags & LH_SOCK_UNIX))
+    uv_tcp_nodelay(&c->tcp, 1);  /* request-response protocols want it */
   lh_H.accepts++;
   return 1;  /* the conn */
 }
@@ -33,7 +34,7 @@ static int accept_protected(lua_State *L) {
 }
 
 static void on_connection(uv_stream_t *server, int status) {
-  lh_sock *l = (lh_sock *)server;
+  lh_sock *l = lh_sockof(server);
   lh_task *t;
   int n;
   /* An error (EMFILE, ENFILE, ENOBUFS) has no connection behind it: libuv
@@ -49,7 +50,7 @@ static void on_connection(uv_stream_t *server, int status) {
   t->next = NULL;
   if (l->w.acceptors.head == NULL) {
     l->w.acceptors.tail = &l->w.acceptors.head;
-    uv_unref((uv_handle_t *)&l->tcp);
+    uv_unref(&l->handle);
   }
   /* Out of memory for the conn's userdata, the task gets ENOMEM and the
      connection stays with libuv for the next accept. */
@@ -72,11 +73,11 @@ static void cancel_accept(lh_task *t) {
   }
   t->next = NULL;
   if (l->w.acceptors.head == NULL)
-    uv_unref((uv_handle_t *)&l->tcp);
+    uv_unref(&l->handle);
 }
 
 static void describe_accept(lh_task *t, char *buf, size_t size) {
-  lh_sock_addr(&((lh_sock *)t->wait.on)->tcp, 0, buf, size);
+  lh_sock_addr(t->wait.on, 0, buf, size);
 }
 
 static const lh_waitkind accept_kind = {"accept", cancel_accept, NULL,
@@ -104,25 +105,59 @@ static int so_accept(lua_State *L) {
   t->next = NULL;
   *l->w.acceptors.tail = t;
   l->w.acceptors.tail = &t->next;
-  uv_ref((uv_handle_t *)&l->tcp);
+  uv_ref(&l->handle);
   return lh_wait(L, t, &accept_kind, l, l->timeout);
 }
 
 /*
+** Binds l (made by so_listen) to a Unix socket's path, or in a worker
+** takes the supervisor's socket for it: 0, or an error.
+*/
+static int bind_unix(lh_sock *l, const char *host, int backlog) {
+  int err, fd;
+  if (lh_H.worker > 0) {
+    fd = lh_worker_listen(host, 0, backlog);
+    return fd < 0 ? fd : uv_pipe_open(&l->pipe, fd);
+  }
+  err = lh_unix_claim(lh_unixpath(host));
+  return err < 0 ? err : uv_pipe_bind(&l->pipe, lh_unixpath(host));
+}
+
+/* The same for TCP, with ss the address to listen on. */
+static int bind_tcp(lh_sock *l, struct sockaddr_storage *ss, int port,
+                    int backlog) {
+  char name[INET6_ADDRSTRLEN];
+  int fd;
+  if (lh_H.worker == 0)
+    return uv_tcp_bind(&l->tcp, (struct sockaddr *)ss, 0);
+  /* A worker's listener is the supervisor's socket for that address,
+     shared by every worker (see supervisor.c). */
+  if (ss->ss_family == AF_INET6)
+    uv_ip6_name((struct sockaddr_in6 *)ss, name, sizeof name);
+  else
+    uv_ip4_name((struct sockaddr_in *)ss, name, sizeof name);
+  fd = lh_worker_listen(name, port, backlog);
+  return fd < 0 ? fd : uv_tcp_open(&l->tcp, fd);
+}
+
+/*
 ** so.listen(host, port [, backlog]): a listener bound to host:port, or
-** nil, msg, name. host is numeric (IPv4 or IPv6) or "*";
-** another name is resolved before the listener exists (this blocks).
+** nil, msg, name. host is numeric (IPv4 or IPv6) or "*"; another name is
+** resolved before the listener exists (this blocks); "unix:PATH" is a Unix
+** domain socket (port ignored).
 */
 static int so_listen(lua_State *L) {
   const char *host = luaL_checkstring(L, 1);
-  lua_Integer port = luaL_checkinteger(L, 2);
+  int is_unix = lh_unixpath(host) != NULL;
+  lua_Integer port = is_unix ? luaL_optinteger(L, 2, 0)
+                             : luaL_checkinteger(L, 2);
   lua_Integer backlog = luaL_optinteger(L, 3, 511);
   struct sockaddr_storage ss;
   lh_sock *l;
   int err;
   luaL_argcheck(L, port >= 0 && port <= 65535, 2, "port out of range");
   luaL_argcheck(L, backlog > 0 && backlog <= 65535, 3, "backlog out of range");
-  if (lh_parseaddr(host, (int)port, &ss) != 0) {
+  if (!is_unix && lh_parseaddr(host, (int)port, &ss) != 0) {
     uv_getaddrinfo_t req;
     err = lh_getaddrinfo(&req, NULL, host, (int)port, AI_PASSIVE);
     if (err < 0)
@@ -130,27 +165,16 @@ static int so_listen(lua_State *L) {
     memcpy(&ss, req.addrinfo->ai_addr, req.addrinfo->ai_addrlen);
     uv_freeaddrinfo(req.addrinfo);
   }
-  l = lh_newsock(L, LH_SOCK_LISTENER);
-  if (lh_H.worker > 0) {
-    /* A worker's listener is the supervisor's socket for that address,
-       shared by every worker (see supervisor.c). */
-    char name[INET6_ADDRSTRLEN];
-    int fd;
-    if (ss.ss_family == AF_INET6)
-      uv_ip6_name((struct sockaddr_in6 *)&ss, name, sizeof name);
-    else
-      uv_ip4_name((struct sockaddr_in *)&ss, name, sizeof name);
-    fd = lh_worker_listen(name, (int)port, (int)backlog);
-    err = fd < 0 ? fd : uv_tcp_open(&l->tcp, fd);
-  } else
-    err = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0);
+  l = lh_newsock(L, LH_SOCK_LISTENER | (is_unix ? LH_SOCK_UNIX : 0));
+  err = is_unix ? bind_unix(l, host, (int)backlog)
+             : bind_tcp(l, &ss, (int)port, (int)backlog);
   if (err == 0)
-    err = uv_listen((uv_stream_t *)&l->tcp, (int)backlog, on_connection);
+    err = uv_listen(&l->stream, (int)backlog, on_connection);
   if (err < 0) {
     lh_sock_close(L, -1);
     return lh_pusherror(L, err);
   }
-  uv_unref((uv_handle_t *)&l->tcp);  /* until a task waits in accept */
+  uv_unref(&l->handle);  /* until a task waits in accept */
   return 1;  /* the listener */
 }
 

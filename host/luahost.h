@@ -17,6 +17,7 @@
 #ifndef LUAHOST_H
 #define LUAHOST_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include <lua.h>
@@ -142,11 +143,12 @@ typedef struct lh_first {
 enum { LH_YIELD_PLAIN, LH_YIELD_WAIT, LH_YIELD_CANCEL };
 
 /*
-** A TCP socket: a conn or a listener. C owns this memory; it is freed in
-** the uv_close callback once the Lua userdata no longer points at it.
+** A socket, TCP or Unix: a conn or a listener. C owns this memory; it is
+** freed in the uv_close callback once the Lua userdata no longer points at
+** it. The handle comes last, and a TCP socket's memory ends with its
+** uv_tcp_t (a uv_pipe_t is larger): the size of every conn counts.
 */
 typedef struct lh_sock {
-  uv_tcp_t tcp;           /* first, so a uv_handle_t* is an lh_sock* */
   unsigned flags;         /* LH_SOCK_* */
   int err;                /* sticky read error (libuv code), 0 if none */
   int64_t timeout;        /* ms for reads/writes/accepts, -1 for none */
@@ -156,7 +158,16 @@ typedef struct lh_sock {
       lh_task *head, **tail;
     } acceptors;
   } w;
+  union {                 /* the handle: which one, LH_SOCK_UNIX says */
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;       /* only with LH_SOCK_UNIX: memory ends above */
+  };
 } lh_sock;
+
+/* The socket of a handle libuv calls back with. */
+#define lh_sockof(h) ((lh_sock *)((char *)(h) - offsetof(lh_sock, handle)))
 
 enum {
   LH_SOCK_LISTENER = 1 << 0, /* a listener, not a conn */
@@ -165,7 +176,8 @@ enum {
   LH_SOCK_PENDING  = 1 << 3, /* listener: libuv holds an accepted fd */
   LH_SOCK_DETACHED = 1 << 4, /* no userdata points here any more */
   LH_SOCK_CLOSED   = 1 << 5, /* uv_close has called back */
-  LH_SOCK_SHUT     = 1 << 6  /* listener closed by the drain, not by Lua */
+  LH_SOCK_SHUT     = 1 << 6, /* listener closed by the drain, not by Lua */
+  LH_SOCK_UNIX     = 1 << 7  /* a Unix domain socket (a uv_pipe_t) */
 };
 
 /*
@@ -185,7 +197,7 @@ typedef struct lh_layer {
   void (*close)(lh_sock *s);
 } lh_layer;
 
-#define lh_layerof(s) (*(const lh_layer **)(s)->tcp.data)
+#define lh_layerof(s) (*(const lh_layer **)(s)->handle.data)
 
 /*
 ** The Lua side of a socket. A tag instead of a metatable lookup on every
@@ -290,7 +302,9 @@ void lh_sock_shut_listeners(void);
 int lh_sock_settimeout(lua_State *L);
 int lh_parseaddr(const char *host, int port, struct sockaddr_storage *ss);
 int lh_pushaddr(lua_State *L, const struct sockaddr_storage *ss);
-void lh_sock_addr(const uv_tcp_t *tcp, int peer, char *buf, size_t size);
+void lh_sock_addr(const lh_sock *s, int peer, char *buf, size_t size);
+const char *lh_unixpath(const char *host);
+int lh_unix_claim(const char *path);
 int lh_getaddrinfo(uv_getaddrinfo_t *req, uv_getaddrinfo_cb cb,
                    const char *host, int port, int flags);
 

@@ -3,14 +3,19 @@
 ** checking, closing, timeouts, addresses, and their metatables.
 **
 ** Ownership: the userdata (lh_sockref) points at C memory (lh_sock) that
-** holds the uv_tcp_t. Closing (so.close, __close or __gc, one function)
+** holds the handle (uv_tcp_t, or uv_pipe_t for a Unix socket). Closing (so.close, __close or __gc, one function)
 ** detaches the userdata and starts uv_close; the close callback frees the
 ** memory. libuv calls back every pending request before the close
 ** callback, so the memory outlives everything that may touch it.
 */
 #include <stdio.h>
 #include <stdlib.h>
+#include <errno.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include "luahost.h"
 
@@ -53,26 +58,31 @@ static lh_sockref *checkref(lua_State *L, int arg) {
 }
 
 static void on_close(uv_handle_t *h) {
-  lh_sock *s = (lh_sock *)h;
+  lh_sock *s = lh_sockof(h);
   s->flags |= LH_SOCK_CLOSED;
   if (s->flags & LH_SOCK_DETACHED)
     free(s);
 }
 
 /*
-** The C side of a new socket: memory and an initialized uv_tcp_t, or NULL
-** when there is no memory (or libuv refuses, which it does not for TCP).
+** The C side of a new socket: memory and an initialized handle (TCP, or a
+** pipe with LH_SOCK_UNIX), or NULL when there is no memory.
 */
 static lh_sock *sock_alloc(unsigned flags) {
-  lh_sock *s = malloc(sizeof *s);
+  size_t size = offsetof(lh_sock, handle) + ((flags & LH_SOCK_UNIX)
+                ? sizeof(uv_pipe_t) : sizeof(uv_tcp_t));
+  lh_sock *s = malloc(size);
+  int err;
   if (s == NULL)
     return NULL;
-  memset(s, 0, sizeof *s);
+  memset(s, 0, size);
   s->flags = flags;
   s->timeout = -1;
   if (flags & LH_SOCK_LISTENER)
     s->w.acceptors.tail = &s->w.acceptors.head;
-  if (uv_tcp_init(lh_H.loop, &s->tcp) < 0) {
+  err = (flags & LH_SOCK_UNIX) ? uv_pipe_init(lh_H.loop, &s->pipe, 0)
+                               : uv_tcp_init(lh_H.loop, &s->tcp);
+  if (err < 0) {
     free(s);
     return NULL;
   }
@@ -113,7 +123,7 @@ int lh_sock_renew(lh_sockref *ref) {
   s->timeout = old->timeout;
   ref->s = s;
   old->flags |= LH_SOCK_DETACHED;
-  uv_close((uv_handle_t *)&old->tcp, on_close);
+  uv_close(&old->handle, on_close);
   return 0;
 }
 
@@ -139,6 +149,20 @@ static void cancel_waiters(lh_sock *s) {
 }
 
 /*
+** A Unix listener takes its socket file with it, as Node's does (a
+** worker's belongs to the supervisor, which keeps it across reloads).
+*/
+static void unlink_path(lh_sock *s) {
+  char path[256];
+  size_t len = sizeof path;
+  if ((s->flags & LH_SOCK_UNIX) && (s->flags & LH_SOCK_LISTENER) &&
+      lh_H.worker == 0 && !uv_is_closing(&s->handle) &&
+      uv_pipe_getsockname(&s->pipe, path, &len) == 0 && len > 0 &&
+      path[0] == '/')
+    unlink(path);
+}
+
+/*
 ** The one closer behind so.close, __close and __gc; safe to call twice.
 */
 void lh_sock_closeref(lh_sockref *ref) {
@@ -154,26 +178,29 @@ void lh_sock_closeref(lh_sockref *ref) {
     lh_H.nconns--;
   if (lh_H.L != NULL)  /* not at lua_close: tasks may still run */
     cancel_waiters(s);
-  if (s->tcp.data != NULL) {  /* TLS: its goodbye, and its memory */
+  if (s->handle.data != NULL) {  /* TLS: its goodbye, and its memory */
     lh_layerof(s)->close(s);
-    s->tcp.data = NULL;
+    s->handle.data = NULL;
   }
   s->flags |= LH_SOCK_DETACHED;
   if (s->flags & LH_SOCK_CLOSED)
     free(s);
-  else if (!uv_is_closing((uv_handle_t *)&s->tcp))
-    uv_close((uv_handle_t *)&s->tcp, on_close);
+  else if (!uv_is_closing(&s->handle)) {
+    unlink_path(s);
+    uv_close(&s->handle, on_close);
+  }
 }
 
 static void shut_listener(uv_handle_t *h, void *arg) {
-  lh_sock *s = (lh_sock *)h;
+  lh_sock *s = lh_sockof(h);
   (void)arg;
-  if (h->type != UV_TCP || uv_is_closing(h) ||
+  if ((h->type != UV_TCP && h->type != UV_NAMED_PIPE) || uv_is_closing(h) ||
       !(s->flags & LH_SOCK_LISTENER) || (s->flags & LH_SOCK_DETACHED))
     return;
   s->flags |= LH_SOCK_SHUT;
   lh_H.nlisteners--;
   cancel_waiters(s);
+  unlink_path(s);
   uv_close(h, on_close);
 }
 
@@ -299,15 +326,93 @@ int lh_pushaddr(lua_State *L, const struct sockaddr_storage *ss) {
 }
 
 /*
-** "host:port" of a socket's peer (or its own address), for so.tasks; "?"
-** when the OS does not say.
+** The path of "unix:PATH", a Unix domain socket's name; NULL for a host.
 */
-void lh_sock_addr(const uv_tcp_t *tcp, int peer, char *buf, size_t size) {
+const char *lh_unixpath(const char *host) {
+  return strncmp(host, "unix:", 5) == 0 ? host + 5 : NULL;
+}
+
+typedef struct path_search {
+  const char *path;
+  int found;
+} path_search;
+
+static void find_listener(uv_handle_t *h, void *arg) {
+  path_search *ps = arg;
+  char path[256];
+  size_t len = sizeof path - 1;
+  if (h->type == UV_NAMED_PIPE && !uv_is_closing(h) &&
+      (lh_sockof(h)->flags & LH_SOCK_LISTENER) &&
+      uv_pipe_getsockname((uv_pipe_t *)h, path, &len) == 0) {
+    path[len] = '\0';
+    ps->found |= strcmp(path, ps->path) == 0;
+  }
+}
+
+/*
+** Makes path free for a Unix listener to bind: a socket file that nobody
+** listens on any more (left by a process that died) is removed; one that
+** a live process listens on is EADDRINUSE, as is any other file there.
+** Whether one listens is asked the only way there is, by connecting: a
+** live server sees a connection that closes at once. 0, or an error.
+*/
+int lh_unix_claim(const char *path) {
+  struct sockaddr_un sun;
+  struct stat st;
+  path_search ps = {path, 0};
+  int fd, r;
+  if (strlen(path) >= sizeof sun.sun_path)
+    return UV_ENAMETOOLONG;
+  uv_walk(lh_H.loop, find_listener, &ps);
+  if (ps.found)  /* ours: not to be asked */
+    return UV_EADDRINUSE;
+  if (lstat(path, &st) != 0)
+    return errno == ENOENT ? 0 : -errno;
+  if (!S_ISSOCK(st.st_mode))
+    return UV_EADDRINUSE;
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return -errno;
+  memset(&sun, 0, sizeof sun);
+  sun.sun_family = AF_UNIX;
+  memcpy(sun.sun_path, path, strlen(path));
+  r = connect(fd, (struct sockaddr *)&sun, sizeof sun) == 0 ? 0 : errno;
+  close(fd);
+  if (r == ECONNREFUSED)  /* stale: nobody accepts there */
+    return unlink(path) == 0 || errno == ENOENT ? 0 : -errno;
+  return r == ENOENT ? 0 : UV_EADDRINUSE;  /* (EAGAIN: a full backlog) */
+}
+
+/*
+** The address of s (peer: of its peer) into ss, or for a Unix socket its
+** path into path (size bytes, with its length in *len): 0, or an error.
+*/
+static int getname(const lh_sock *s, int peer, struct sockaddr_storage *ss,
+                   char *path, size_t *len) {
+  int sslen = sizeof *ss;
+  if (s->flags & LH_SOCK_UNIX)
+    return peer ? uv_pipe_getpeername(&s->pipe, path, len)
+                : uv_pipe_getsockname(&s->pipe, path, len);
+  return peer ? uv_tcp_getpeername(&s->tcp, (struct sockaddr *)ss, &sslen)
+              : uv_tcp_getsockname(&s->tcp, (struct sockaddr *)ss, &sslen);
+}
+
+/*
+** "host:port" of a socket's peer (or its own address), or "unix:PATH",
+** for so.tasks; "?" when the OS does not say.
+*/
+void lh_sock_addr(const lh_sock *s, int peer, char *buf, size_t size) {
   struct sockaddr_storage ss;
-  char host[INET6_ADDRSTRLEN] = "?";
-  int len = sizeof ss, port = 0, err;
-  err = peer ? uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len)
-             : uv_tcp_getsockname(tcp, (struct sockaddr *)&ss, &len);
+  char host[INET6_ADDRSTRLEN] = "?", path[256];
+  size_t len = sizeof path;
+  int port = 0, err = getname(s, peer, &ss, path, &len);
+  if (s->flags & LH_SOCK_UNIX) {
+    if (err == 0 && len == 0 && peer)  /* an unnamed client: our path */
+      err = getname(s, 0, &ss, path, (len = sizeof path, &len));
+    snprintf(buf, size, "unix:%.*s", err == 0 ? (int)len : 1,
+             err == 0 ? path : "?");
+    return;
+  }
   if (err == 0 && ss.ss_family == AF_INET6) {
     uv_ip6_name((struct sockaddr_in6 *)&ss, host, sizeof host);
     port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
@@ -318,29 +423,33 @@ void lh_sock_addr(const uv_tcp_t *tcp, int peer, char *buf, size_t size) {
   snprintf(buf, size, "%s:%d", host, port);
 }
 
+/* host, port of s or of its peer; a Unix socket's path (no "unix:"). */
+static int pushname(lua_State *L, const lh_sock *s, int peer) {
+  struct sockaddr_storage ss;
+  char path[256];
+  size_t len = sizeof path;
+  int err = getname(s, peer, &ss, path, &len);
+  if (err < 0)
+    return lh_pusherror(L, err);
+  if (s->flags & LH_SOCK_UNIX) {
+    lua_pushlstring(L, path, len);
+    return 1;
+  }
+  return lh_pushaddr(L, &ss);
+}
+
 /* so.sockname(obj): the local host, port of a conn or a listener. */
 static int so_sockname(lua_State *L) {
   lh_sockref *ref = checkref(L, 1);
-  struct sockaddr_storage ss;
-  int len = sizeof ss, err;
   if (ref->s == NULL)
     return luaL_error(L, "attempt to use a closed %s",
                       ref->tag == LH_TAG_CONN ? CONN_TNAME : LISTENER_TNAME);
-  err = uv_tcp_getsockname(&ref->s->tcp, (struct sockaddr *)&ss, &len);
-  if (err < 0)
-    return lh_pusherror(L, err);
-  return lh_pushaddr(L, &ss);
+  return pushname(L, ref->s, 0);
 }
 
 /* so.peername(conn): the remote host, port. */
 static int so_peername(lua_State *L) {
-  lh_sock *s = lh_checkconn(L, 1);
-  struct sockaddr_storage ss;
-  int len = sizeof ss;
-  int err = uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len);
-  if (err < 0)
-    return lh_pusherror(L, err);
-  return lh_pushaddr(L, &ss);
+  return pushname(L, lh_checkconn(L, 1), 1);
 }
 
 /* }====================================================== */

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 
 #include "luahost.h"
 
@@ -38,7 +39,7 @@ void lh_stream_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 /* Reads from the OS into cb, unless already reading: 0, or an error. */
 int lh_stream_start(lh_sock *s, uv_read_cb cb) {
   if (!(s->flags & LH_SOCK_READING)) {
-    int err = uv_read_start((uv_stream_t *)&s->tcp, lh_stream_alloc, cb);
+    int err = uv_read_start(&s->stream, lh_stream_alloc, cb);
     if (err < 0)
       return err;
     s->flags |= LH_SOCK_READING;
@@ -48,7 +49,7 @@ int lh_stream_start(lh_sock *s, uv_read_cb cb) {
 
 void lh_stream_stop(lh_sock *s) {
   if (s->flags & LH_SOCK_READING) {
-    uv_read_stop((uv_stream_t *)&s->tcp);
+    uv_read_stop(&s->stream);
     s->flags &= ~LH_SOCK_READING;
   }
 }
@@ -65,7 +66,7 @@ static int push_read(lua_State *L) {
 }
 
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
-  lh_sock *s = (lh_sock *)stream;
+  lh_sock *s = lh_sockof(stream);
   lh_task *t = s->w.reader;
   if (nread == 0)  /* EAGAIN: nothing this time */
     return;
@@ -111,7 +112,7 @@ static void cancel_read(lh_task *t) {
 }
 
 static void describe_read(lh_task *t, char *buf, size_t size) {
-  lh_sock_addr(&((lh_sock *)t->wait.on)->tcp, 1, buf, size);
+  lh_sock_addr(t->wait.on, 1, buf, size);
 }
 
 static const lh_waitkind read_kind = {"read", cancel_read, NULL, LH_WAIT_NET,
@@ -122,7 +123,7 @@ static void describe_req(lh_task *t, char *buf, size_t size) {
   uv_req_t *r = t->wait.on;
   uv_stream_t *h = r->type == UV_WRITE ? ((uv_write_t *)r)->handle
                                        : ((uv_shutdown_t *)r)->handle;
-  lh_sock_addr((uv_tcp_t *)h, 1, buf, size);
+  lh_sock_addr(lh_sockof(h), 1, buf, size);
 }
 
 /*
@@ -135,7 +136,7 @@ static int so_read(lua_State *L) {
   if (s->w.reader != NULL)
     return luaL_error(L, "conn is already being read by another task");
   t = lh_checktask_caller(L, "read");
-  if (s->tcp.data != NULL)
+  if (s->handle.data != NULL)
     return lh_layerof(s)->read(L, s, t);
   if (s->err != 0)
     return lh_pusherror(L, s->err);
@@ -297,7 +298,7 @@ static int so_write(lua_State *L) {
   unsigned nbufs;
   int written, err, ref;
   write_req *req;
-  if (s->tcp.data != NULL)
+  if (s->handle.data != NULL)
     return lh_layerof(s)->write(L, s, t, 2, total);
   if (total == 0) {
     lua_pushboolean(L, 1);
@@ -305,7 +306,7 @@ static int so_write(lua_State *L) {
   }
   luaL_checkstack(L, 4, NULL);
   nbufs = fill_pieces(L, 2, 0);
-  written = uv_try_write((uv_stream_t *)&s->tcp, pieces, nbufs);
+  written = uv_try_write(&s->stream, pieces, nbufs);
   if (written > 0)
     lh_H.bytes_out += (uint64_t)written;
   if (written >= 0 && (size_t)written == total) {
@@ -327,7 +328,7 @@ static int so_write(lua_State *L) {
   req->owned = NULL;
   req->len = total - (written > 0 ? (size_t)written : 0);
   nbufs = fill_pieces(L, lua_gettop(L), written > 0 ? (size_t)written : 0);
-  err = uv_write(&req->req, (uv_stream_t *)&s->tcp, pieces, nbufs, on_write);
+  err = uv_write(&req->req, &s->stream, pieces, nbufs, on_write);
   if (err < 0) {
     luaL_unref(L, LUA_REGISTRYINDEX, req->data_ref);
     free(req);
@@ -344,7 +345,7 @@ static int so_write(lua_State *L) {
 static int send_owned(lh_sock *s, char *buf, size_t len, lh_task *t,
                       write_req **reqp) {
   uv_buf_t b = uv_buf_init(buf, (unsigned)len);
-  int written = uv_try_write((uv_stream_t *)&s->tcp, &b, 1), err;
+  int written = uv_try_write(&s->stream, &b, 1), err;
   write_req *req;
   if (written > 0)
     lh_H.bytes_out += (uint64_t)written;
@@ -368,7 +369,7 @@ static int send_owned(lh_sock *s, char *buf, size_t len, lh_task *t,
   req->owned = buf;
   req->len = len - (size_t)written;
   b = uv_buf_init(buf + written, (unsigned)req->len);
-  err = uv_write(&req->req, (uv_stream_t *)&s->tcp, &b, 1, on_write);
+  err = uv_write(&req->req, &s->stream, &b, 1, on_write);
   if (err < 0) {
     free(buf);
     free(req);
@@ -435,13 +436,13 @@ static int so_shutdown(lua_State *L) {
   lh_task *t = lh_checktask_caller(L, "shutdown");
   shutdown_req *req;
   int err;
-  if (s->tcp.data != NULL && (err = lh_layerof(s)->shutdown(s)) < 0)
+  if (s->handle.data != NULL && (err = lh_layerof(s)->shutdown(s)) < 0)
     return lh_pusherror(L, err);
   req = malloc(sizeof *req);
   if (req == NULL)
     return luaL_error(L, "not enough memory");
   req->task = t;
-  err = uv_shutdown(&req->req, (uv_stream_t *)&s->tcp, on_shutdown);
+  err = uv_shutdown(&req->req, &s->stream, on_shutdown);
   if (err < 0) {
     free(req);
     return lh_pusherror(L, err);
@@ -487,7 +488,8 @@ static void connect_done(connect_req *req, int err) {
     lh_resume_err(t, err);
     return;
   }
-  uv_tcp_nodelay(&req->conn->s->tcp, 1);
+  if (!(req->conn->s->flags & LH_SOCK_UNIX))
+    uv_tcp_nodelay(&req->conn->s->tcp, 1);
   /* The conn's userdata exists: pushing it allocates nothing. */
   lua_rawgeti(t->co, LUA_REGISTRYINDEX, req->conn_ref);
   connect_free(req);
@@ -568,11 +570,12 @@ static const lh_waitkind connect_kind = {"connect", cancel_connect, NULL,
 /*
 ** so.connect(host, port [, timeout]): a connected conn, or nil, msg,
 ** name. Names are resolved off the loop (uv_getaddrinfo), and each address
-** is tried in turn.
+** is tried in turn; "unix:PATH" connects to a Unix socket (port ignored).
 */
 static int so_connect(lua_State *L) {
   const char *host = luaL_checkstring(L, 1);
-  lua_Integer port = luaL_checkinteger(L, 2);
+  const char *path = lh_unixpath(host);
+  lua_Integer port = path ? luaL_optinteger(L, 2, 0) : luaL_checkinteger(L, 2);
   int64_t timeout = lh_checktimeout(L, 3);
   struct sockaddr_storage ss;
   connect_req *req;
@@ -580,10 +583,13 @@ static int so_connect(lua_State *L) {
   int err, conn;
   luaL_argcheck(L, port >= 0 && port <= 65535, 2, "port out of range");
   t = lh_checktask_caller(L, "connect");
+  if (path != NULL && strlen(path) >= sizeof(struct sockaddr_un) -
+                                      offsetof(struct sockaddr_un, sun_path))
+    return lh_pusherror(L, UV_ENAMETOOLONG);  /* libuv would cut it */
   if (lh_expired(t))
     return lh_pusherror(L, UV_ETIMEDOUT);
   lua_settop(L, 3);
-  lh_newsock(L, 0);
+  lh_newsock(L, path ? LH_SOCK_UNIX : 0);
   conn = lua_gettop(L);
   req = calloc(1, sizeof *req);
   if (req == NULL) {
@@ -594,7 +600,10 @@ static int so_connect(lua_State *L) {
   lua_pushvalue(L, conn);
   req->conn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   req->task = t;
-  if (lh_parseaddr(host, (int)port, &ss) == 0) {
+  if (path != NULL) {  /* (libuv reports every error to on_connect) */
+    uv_pipe_connect(&req->connect, &req->conn->s->pipe, path, on_connect);
+    err = 0;
+  } else if (lh_parseaddr(host, (int)port, &ss) == 0) {
     err = uv_tcp_connect(&req->connect, &req->conn->s->tcp,
                          (struct sockaddr *)&ss, on_connect);
   } else

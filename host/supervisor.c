@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "luahost.h"
@@ -45,7 +46,7 @@ typedef struct worker {
 } worker;
 
 typedef struct listening {
-  char key[80];           /* "host|port|backlog" as workers ask */
+  char key[160];          /* "host|port" as workers ask */
   int fd;
 } listening;
 
@@ -62,8 +63,15 @@ static void start_worker(int slot, int g);
 
 static void close_listening(void) {
   int i;
-  for (i = 0; i < nsocks; i++)
+  for (i = 0; i < nsocks; i++) {
+    const char *path = lh_unixpath(socks[i].key);
     close(socks[i].fd);
+    if (path != NULL) {  /* its file goes with it ("unix:PATH|0") */
+      char *bar = strrchr(socks[i].key, '|');
+      *bar = '\0';
+      unlink(path);
+    }
+  }
   nsocks = 0;
   free(socks);
   socks = NULL;
@@ -91,22 +99,35 @@ static void signal_workers(int signum, int only_gen) {
 /* A listening socket for "host port backlog"; the fd, or -errno. */
 static int get_listening(const char *host, int port, int backlog) {
   struct sockaddr_storage ss;
-  char key[80];
+  struct sockaddr_un *sun = (struct sockaddr_un *)&ss;
+  const char *path = lh_unixpath(host);
+  socklen_t sslen;
+  char key[160];
   int i, fd, one = 1;
   snprintf(key, sizeof key, "%s|%d", host, port);
   for (i = 0; i < nsocks; i++)
     if (strcmp(socks[i].key, key) == 0)
       return socks[i].fd;
-  if (lh_parseaddr(host, port, &ss) != 0)
+  if (path != NULL) {
+    if ((i = lh_unix_claim(path)) < 0)
+      return i;
+    memset(sun, 0, sizeof *sun);
+    sun->sun_family = AF_UNIX;
+    memcpy(sun->sun_path, path, strlen(path));  /* claim checked its size */
+    sslen = sizeof *sun;
+  } else if (lh_parseaddr(host, port, &ss) != 0)
     return -EINVAL;
+  else
+    sslen = ss.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                     : sizeof(struct sockaddr_in);
   fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0)
     return -errno;
-  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (path == NULL)
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (ss.ss_family == AF_INET6)
     setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
-  if (bind(fd, (struct sockaddr *)&ss, ss.ss_family == AF_INET6
-           ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in)) != 0 ||
+  if (bind(fd, (struct sockaddr *)&ss, sslen) != 0 ||
       listen(fd, backlog) != 0) {
     int err = -errno;
     close(fd);
@@ -148,7 +169,7 @@ static void reply(int ctl, int status, int fd) {
 
 static void on_control(uv_poll_t *poll, int status, int events) {
   worker *w = poll->data;
-  char buf[256], host[64];
+  char buf[256], host[128];
   ssize_t n;
   int port, backlog;
   (void)events;
@@ -178,7 +199,7 @@ static void on_control(uv_poll_t *poll, int status, int events) {
         lh_log(LH_LOG_INFO, NULL, "reload: generation %d runs", gen);
       }
     }
-  } else if (sscanf(buf, "L %d %d %63s", &port, &backlog, host) == 3) {
+  } else if (sscanf(buf, "L %d %d %127s", &port, &backlog, host) == 3) {
     int fd = stopping ? -ECANCELED : get_listening(host, port, backlog);
     reply(w->ctl, fd < 0 ? fd : 0, fd);
   }

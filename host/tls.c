@@ -357,13 +357,13 @@ static void data_read(lh_sock *s, lh_tls *tls, lh_task *t) {
     lh_resume(t, 1);
   } else if (resume_with(t, push_failure_p, tls) != 0)
     return;
-  if (s->w.reader == NULL && !uv_is_closing((uv_handle_t *)&s->tcp))
+  if (s->w.reader == NULL && !uv_is_closing(&s->handle))
     lh_stream_stop(s);
 }
 
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
-  lh_sock *s = (lh_sock *)stream;
-  lh_tls *tls = s->tcp.data;
+  lh_sock *s = lh_sockof(stream);
+  lh_tls *tls = s->handle.data;
   lh_task *t = s->w.reader;
   if (nread == 0)
     return;
@@ -396,7 +396,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
 }
 
 static int tls_read(lua_State *L, lh_sock *s, lh_task *t) {
-  lh_tls *tls = s->tcp.data;
+  lh_tls *tls = s->handle.data;
   size_t n;
   if (tls->state == TLS_HANDSHAKE)
     return luaL_error(L, "conn is in a TLS handshake");
@@ -434,7 +434,7 @@ static int encrypt(lh_tls *tls, const char *p, size_t len) {
 */
 static int tls_write(lua_State *L, lh_sock *s, lh_task *t, int data,
                      size_t total) {
-  lh_tls *tls = s->tcp.data;
+  lh_tls *tls = s->handle.data;
   size_t len, used = 0;
   const char *p;
   int ok = 1;
@@ -485,7 +485,7 @@ static int tls_write(lua_State *L, lh_sock *s, lh_task *t, int data,
 
 /* so.shutdown: close_notify, before the plain conn's FIN. */
 static int tls_shutdown(lh_sock *s) {
-  lh_tls *tls = s->tcp.data;
+  lh_tls *tls = s->handle.data;
   if (tls->state == TLS_HANDSHAKE)
     return UV_EBUSY;
   if (tls->state == TLS_FAILED || tls->shut)
@@ -502,9 +502,9 @@ static int tls_shutdown(lh_sock *s) {
 ** one when it closes), then the memory.
 */
 static void tls_close(lh_sock *s) {
-  lh_tls *tls = s->tcp.data;
+  lh_tls *tls = s->handle.data;
   if ((tls->state == TLS_OPEN || tls->state == TLS_CLOSED) && !tls->shut &&
-      s->err == 0 && !uv_is_closing((uv_handle_t *)&s->tcp))
+      s->err == 0 && !uv_is_closing(&s->handle))
     tls_shutdown(s);
   SSL_free(tls->ssl);
   free(tls->carry);
@@ -533,7 +533,7 @@ static int wrap_done(lua_State *L, int base) {
     return 3;  /* nil, msg, "ETLS": the conn is closed */
   if (ref->s == NULL)  /* closed while this task was queued */
     return lh_pusherror(L, UV_ECANCELED);
-  ((lh_tls *)ref->s->tcp.data)->ref = NULL;
+  ((lh_tls *)ref->s->handle.data)->ref = NULL;
   lh_sock_move(L, ref);
   return 1;
 }
@@ -541,14 +541,14 @@ static int wrap_done(lua_State *L, int base) {
 /* A timeout, so.deadline or so.cancel: the half-made TLS conn closes. */
 static void cancel_handshake(lh_task *t) {
   lh_sock *s = t->wait.on;
-  lh_tls *tls = s->tcp.data;
+  lh_tls *tls = s->handle.data;
   s->w.reader = NULL;
   lh_stream_stop(s);
   lh_sock_closeref(tls->ref);
 }
 
 static void describe_handshake(lh_task *t, char *buf, size_t size) {
-  lh_sock_addr(&((lh_sock *)t->wait.on)->tcp, 1, buf, size);
+  lh_sock_addr(t->wait.on, 1, buf, size);
 }
 
 static const lh_waitkind handshake_kind = {"handshake", cancel_handshake,
@@ -586,7 +586,7 @@ static int tls_wrap(lua_State *L) {
   lh_tls *tls;
   BIO *bio;
   int err;
-  luaL_argcheck(L, s->tcp.data == NULL, 1, "already a TLS conn");
+  luaL_argcheck(L, s->handle.data == NULL, 1, "already a TLS conn");
   if (s->w.reader != NULL)
     return luaL_error(L, "conn is already being read by another task");
   t = lh_checktask_caller(L, "wrap");
@@ -608,7 +608,7 @@ static int tls_wrap(lua_State *L) {
   SSL_set_bio(tls->ssl, bio, bio);
   SSL_set_app_data(tls->ssl, tls);
   SSL_set_info_callback(tls->ssl, on_info);
-  s->tcp.data = tls;  /* from here on, closing the conn frees tls */
+  s->handle.data = tls;  /* from here on, closing the conn frees tls */
   if (server)
     SSL_set_accept_state(tls->ssl);
   else {
@@ -629,6 +629,9 @@ static int tls_wrap(lua_State *L) {
     lh_sock_closeref(ref);
     return 3;
   }
+  /* A plain read that just ended may have left the plain callback
+     reading (STARTTLS): the handshake's bytes are TLS's. */
+  lh_stream_stop(s);
   if ((err = lh_stream_start(s, on_read)) < 0) {
     lh_sock_closeref(ref);
     return lh_pusherror(L, err);
@@ -707,7 +710,7 @@ static int wrapped(lua_State *L, int status, lua_KContext k) {
 
 static lh_tls *checktls(lua_State *L, int arg) {
   lh_sock *s = lh_checkconn(L, arg);
-  lh_tls *tls = s->tcp.data;
+  lh_tls *tls = s->handle.data;
   if (tls == NULL || tls->state == TLS_HANDSHAKE)
     luaL_typeerror(L, arg, "TLS conn");
   return tls;
