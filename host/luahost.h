@@ -193,6 +193,8 @@ typedef struct lh_layer {
   int (*write)(lua_State *L, lh_sock *s, lh_task *t, int data, size_t total);
   /* so.shutdown's part before the TCP shutdown: 0, or a libuv error */
   int (*shutdown)(lh_sock *s);
+  /* so.readable's part: the layer holds bytes a read would return */
+  int (*buffered)(lh_sock *s);
   /* the conn closes: send what a close sends, free the layer */
   void (*close)(lh_sock *s);
 } lh_layer;

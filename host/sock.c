@@ -464,7 +464,7 @@ static const luaL_Reg sock_funcs[] = {
 };
 
 static const char *const conn_methods[] = {
-  "read", "write", "shutdown", "close", "settimeout", "sockname",
+  "read", "readable", "write", "shutdown", "close", "settimeout", "sockname",
   "peername", NULL
 };
 

@@ -6,10 +6,12 @@
 ** uv_read_stop when the data is delivered and nobody waits again), so a
 ** peer that sends and never reads is held back by TCP, not by our memory.
 */
+#include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/un.h>
 
 #include "luahost.h"
@@ -157,6 +159,30 @@ int lh_stream_wait_read(lua_State *L, lh_sock *s, lh_task *t, uv_read_cb cb) {
     return lh_pusherror(L, err);
   s->w.reader = t;
   return lh_wait(L, t, &read_kind, s, s->timeout);
+}
+
+/*
+** so.readable(conn): whether so.read would return without waiting, i.e.
+** bytes, the peer's EOF or an error have arrived; asks the OS without
+** reading (MSG_PEEK). What a pool asks of an idle conn before handing it
+** out: anything that arrives on one means it is no longer usable.
+*/
+static int so_readable(lua_State *L) {
+  lh_sock *s = lh_checkconn(L, 1);
+  uv_os_fd_t fd;
+  char c;
+  int r = 1;
+  if (s->err == 0 && !(s->flags & LH_SOCK_EOF) &&
+      !(s->handle.data != NULL && lh_layerof(s)->buffered(s)) &&
+      uv_fileno(&s->handle, &fd) == 0) {
+    ssize_t n;
+    do
+      n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    r = !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+  }
+  lua_pushboolean(L, r);
+  return 1;
 }
 
 /* }====================================================== */
@@ -622,6 +648,7 @@ static int so_connect(lua_State *L) {
 
 static const luaL_Reg stream_funcs[] = {
   {"read", so_read},
+  {"readable", so_readable},
   {"write", so_write},
   {"shutdown", so_shutdown},
   {"connect", so_connect},

@@ -513,8 +513,15 @@ static void tls_close(lh_sock *s) {
   free(tls);
 }
 
+/* so.readable: decrypted bytes, or records left over, are waiting. */
+static int tls_buffered(lh_sock *s) {
+  lh_tls *tls = s->handle.data;
+  return tls->state != TLS_OPEN || tls->carry != NULL ||
+         SSL_pending(tls->ssl) > 0;
+}
+
 static const lh_layer tls_layer = {tls_read, tls_write, tls_shutdown,
-                                   tls_close};
+                                   tls_buffered, tls_close};
 
 /* }====================================================== */
 
