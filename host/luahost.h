@@ -297,7 +297,6 @@ lh_sock *lh_checklistener(lua_State *L, int arg);
 lh_sock *lh_newsock(lua_State *L, unsigned flags);
 int lh_sock_renew(lh_sockref *ref);
 void lh_sock_close(lua_State *L, int idx);
-void lh_sock_move(lua_State *L, lh_sockref *from);
 void lh_sock_closeref(lh_sockref *ref);
 void lh_sock_open(lua_State *L);
 void lh_sock_shut_listeners(void);

@@ -218,19 +218,6 @@ void lh_sock_close(lua_State *L, int idx) {
   lh_sock_closeref(lua_touserdata(L, idx));
 }
 
-/*
-** Pushes a new conn that takes over from's socket; from then reads as
-** closed. What tls.wrap returns: the plain conn must not be read under
-** the TLS one.
-*/
-void lh_sock_move(lua_State *L, lh_sockref *from) {
-  lh_sockref *ref = lua_newuserdatauv(L, sizeof *ref, 0);
-  ref->tag = LH_TAG_CONN;
-  ref->s = from->s;
-  from->s = NULL;
-  luaL_setmetatable(L, CONN_TNAME);
-}
-
 /* so.close(obj): closes a conn or a listener; true, also when closed. */
 static int so_close(lua_State *L) {
   lh_sock_closeref(checkref(L, 1));

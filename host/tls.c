@@ -531,8 +531,10 @@ static const lh_layer tls_layer = {tls_read, tls_write, tls_shutdown,
 ** ======================================================= */
 
 /*
-** The handshake's end on the task's side: the TLS conn takes over from
-** the plain one (which then reads as closed), or the failure is returned.
+** The handshake's end on the task's side: the conn itself is now the TLS
+** conn (as OpenResty's sslhandshake and cqueues' starttls upgrade theirs),
+** so a <close> on it, or any other reference, holds the TLS conn; or the
+** failure is returned.
 */
 static int wrap_done(lua_State *L, int base) {
   lh_sockref *ref = lua_touserdata(L, 1);
@@ -541,7 +543,7 @@ static int wrap_done(lua_State *L, int base) {
   if (ref->s == NULL)  /* closed while this task was queued */
     return lh_pusherror(L, UV_ECANCELED);
   ((lh_tls *)ref->s->handle.data)->ref = NULL;
-  lh_sock_move(L, ref);
+  lua_settop(L, 1);
   return 1;
 }
 
@@ -581,7 +583,7 @@ static int set_servername(SSL *ssl, const char *name) {
 
 /*
 ** tls.wrap(conn, ctx [, servername]): the handshake over conn (waits);
-** then a TLS conn, or nil, msg, name with conn closed.
+** then conn, a TLS conn from now on, or nil, msg, name with conn closed.
 */
 static int tls_wrap(lua_State *L) {
   lh_sockref *ref = lh_checkobj(L, 1, LH_TAG_CONN, "conn");
