@@ -1,7 +1,7 @@
 # report.awk: turns the raw "kv ..." lines of one bench/run into Markdown.
 # Plain POSIX awk (Debian's default is mawk): no asort, no gensub.
 #
-# awk -f report.awk -v kind=echo|http -v title=... -v when=... -v machine=...
+# awk -f report.awk -v kind=echo|http|tls -v title=... -v when=... -v machine=...
 #     -v runs=... -v png=FILE -v chart=FILE -v levels=1,10,... SERVERS RAW
 #
 # SERVERS: one line per server, tab-separated: id, label, status
@@ -37,8 +37,11 @@ FILENAME == ARGV[1] {
   good[s, m]++
   for (k in rec) {
     if (k == "server" || k == "rep" || k == "mode" || k == "ok") continue
+    if (k == "proto" || k == "cipher" || k == "group") continue
     vals[s, m, k] = vals[s, m, k] " " rec[k]
   }
+  # tls: what the handshakes negotiated, the same for every run.
+  if ("cipher" in rec) negotiated[s] = rec["proto"] " " rec["cipher"] " " rec["group"]
 }
 
 function sorted(list, a,    n, i, j, t) {
@@ -299,6 +302,103 @@ function http_report(    i, s, m) {
   }
 }
 
+# bench/run tls: handshakes, bulk and https, with ratios to nginx and Node.
+function tls_report(    i, s, m, v, a, b, any) {
+  print "# " title
+  print ""
+  print "- When: " when
+  print "- Machine: " machine
+  print "- Runs: " runs
+  print "- TLS: 1.3 only, one self-signed ECDSA P-256 certificate for every server,"
+  print "  TLS_AES_128_GCM_SHA256 and X25519 offered by the clients (tlsgen, and wrk"
+  print "  through OPENSSL_CONF) and nothing else; no session is ever resumed."
+  print "- Figures: medians, with the min–max spread of the runs in brackets."
+  missing_notes()
+  any = 0
+  for (i = 1; i <= nserv; i++)
+    if (sid[i] in negotiated) {
+      if (!any) { print ""; any = 1 }
+      print "- " label[sid[i]] " negotiated: " negotiated[sid[i]]
+    }
+
+  if (want["handshakes"]) {
+  print ""
+  print "## handshakes: " clients " clients, each: connect, full TLS 1.3 handshake, close"
+  print ""
+  print "*per server CPU-s* = handshakes per second of server CPU time (rate ÷ server CPU);"
+  print "when *tlsgen CPU %* is near 100 the load generator, not the server, sets the rate."
+  print ""
+  row("server | handshakes/s | × nginx | × Node | per server CPU-s | × nginx | × Node | p50 ms | p99 ms | server CPU % | tlsgen CPU %")
+  row("--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---:")
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; m = "handshakes"
+    row(label[s] failnote(s, m) " | " cell(s, m, "hps", "%.0f") " | " ratio(s, m, "hps", "nginx") \
+        " | " ratio(s, m, "hps", "node") " | " cell(s, m, "hps_per_core", "%.0f") \
+        " | " ratio(s, m, "hps_per_core", "nginx") " | " ratio(s, m, "hps_per_core", "node") \
+        " | " plain(s, m, "p50_ms", "%.2f") " | " plain(s, m, "p99_ms", "%.2f") \
+        " | " plain(s, m, "srv_cpu", "%.0f") " | " plain(s, m, "lg_cpu", "%.0f"))
+  }
+  }
+
+  if (want["bulk"]) {
+  print ""
+  print "## bulk: one TLS connection streaming 64 KiB writes, the echo read back and verified"
+  print ""
+  row("server | MB/s echoed | × nginx | × Node | MB per server CPU-s | × nginx | × Node | server CPU % | tlsgen CPU % | tickets/conn")
+  row("--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---:")
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; m = "bulk"
+    row(label[s] failnote(s, m) " | " cell(s, m, "mbps", "%.0f") " | " ratio(s, m, "mbps", "nginx") \
+        " | " ratio(s, m, "mbps", "node") " | " cell(s, m, "mbps_per_core", "%.0f") \
+        " | " ratio(s, m, "mbps_per_core", "nginx") " | " ratio(s, m, "mbps_per_core", "node") \
+        " | " plain(s, m, "srv_cpu", "%.0f") \
+        " | " plain(s, m, "lg_cpu", "%.0f") " | " plain(s, m, "tickets", "%.0f"))
+  }
+  }
+
+  if (want["https"]) {
+  print ""
+  print "## https: wrk -t1 -c100 --latency, keep-alive GET / answered by \"hello world\\n\" over TLS"
+  print ""
+  row("server | requests/s | × nginx | × Node | per server CPU-s | × nginx | × Node | p50 ms | p99 ms | server CPU % | wrk CPU % | errors")
+  row("--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---:")
+  for (i = 1; i <= nserv; i++) {
+    s = sid[i]; m = "https"
+    row(label[s] failnote(s, m) " | " cell(s, m, "rps", "%.0f") " | " ratio(s, m, "rps", "nginx") \
+        " | " ratio(s, m, "rps", "node") " | " cell(s, m, "rps_per_core", "%.0f") \
+        " | " ratio(s, m, "rps_per_core", "nginx") " | " ratio(s, m, "rps_per_core", "node") \
+        " | " plain(s, m, "p50_ms", "%.2f") " | " plain(s, m, "p99_ms", "%.2f") \
+        " | " plain(s, m, "srv_cpu", "%.0f") " | " plain(s, m, "lg_cpu", "%.0f") \
+        " | " plain(s, m, "errors", "%.0f"))
+  }
+  }
+
+  print ""
+  print "## luahost targets (this run)"
+  print ""
+  if (status["luahost"] != "ok") {
+    print "luahost was " (status["luahost"] == "" ? "not run" : status["luahost"]) ": no target checked."
+    return
+  }
+  row("target | measured | status"); row("--- | ---: | ---")
+  if (want["bulk"]) {
+    tgt_ratio("bulk MB/s ≥ 0.9× nginx", "bulk", "mbps", "nginx", 0.9)
+    tgt_ratio("bulk MB per server CPU-s ≥ 0.9× nginx", "bulk", "mbps_per_core", "nginx", 0.9)
+  }
+  if (want["handshakes"]) {
+    tgt_ratio("handshakes/s ≥ 0.9× nginx", "handshakes", "hps", "nginx", 0.9)
+    tgt_ratio("handshakes/s ≥ 1.5× Node", "handshakes", "hps", "node", 1.5)
+    tgt_ratio("handshakes per server CPU-s ≥ 0.9× nginx", "handshakes", "hps_per_core", "nginx", 0.9)
+    tgt_ratio("handshakes per server CPU-s ≥ 1.5× Node", "handshakes", "hps_per_core", "node", 1.5)
+  }
+  if (want["https"]) {
+    tgt_ratio("HTTPS hello requests/s ≥ 0.8× nginx + Lua", "https", "rps", "nginx", 0.8)
+    tgt_ratio("HTTPS hello requests per server CPU-s ≥ 0.8× nginx + Lua", "https", "rps_per_core", "nginx", 0.8)
+  }
+}
+
 END {
-  if (kind == "http") http_report(); else echo_report()
+  if (kind == "http") http_report()
+  else if (kind == "tls") tls_report()
+  else echo_report()
 }
