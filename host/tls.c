@@ -702,7 +702,10 @@ static int connected(lua_State *L, int status, lua_KContext k) {
   lua_pushcfunction(L, tls_wrap);
   lua_pushvalue(L, 6);
   lua_pushvalue(L, 3);
-  lua_pushvalue(L, 1);
+  if (lh_unixpath(lua_tostring(L, 1)) != NULL)
+    lua_pushnil(L);  /* a path is no server name */
+  else
+    lua_pushvalue(L, 1);
   lua_callk(L, 3, 3, 0, wrapped);
   return wrapped(L, LUA_OK, 0);
 }
