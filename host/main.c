@@ -258,6 +258,8 @@ int main(int argc, char **argv) {
   lua_setfield(L, -2, "so");
   lua_pushcfunction(L, luaopen_so_tls);
   lua_setfield(L, -2, "so.tls");
+  lua_pushcfunction(L, luaopen_so_fs);
+  lua_setfield(L, -2, "so.fs");
   lua_pop(L, 1);
   set_arg(L, argv, argc, script);
   lh_error_init(L);
