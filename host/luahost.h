@@ -8,7 +8,7 @@
 **
 ** Files depend on each other in one direction only:
 **   main.c -> supervisor.c (--workers), drain.c, tls.c (so.tls), fs.c
-**     (so.fs), so.c
+**     (so.fs), zlib.c (so.zlib), so.c
 **   tls.c -> tlsctx.c, so.c (the conn class), stream.c
 **   so.c -> task.c, channel.c, stream.c, listener.c, log.c, worker.c
 **   stream.c, listener.c -> sock.c
@@ -216,6 +216,7 @@ typedef struct lh_sockref {
 #define LH_TAG_CHANNEL  UINT64_C(0x6c7561686368616e) /* "luahchan" */
 #define LH_TAG_TLSCTX   UINT64_C(0x6c7561687463747a) /* "luahtctz" */
 #define LH_TAG_FILE     UINT64_C(0x6c75616866696c65) /* "luahfile" */
+#define LH_TAG_ZSTREAM  UINT64_C(0x6c7561687a737472) /* "luahzstr" */
 
 #define LH_TASK_TNAME "task"
 
@@ -331,8 +332,9 @@ int lh_tls_client(lua_State *L);
 void lh_tlsctx_open(lua_State *L);
 int luaopen_so_tls(lua_State *L);
 
-/* fs.c: the so.fs module */
+/* fs.c, zlib.c: the so.fs and so.zlib modules */
 int luaopen_so_fs(lua_State *L);
+int luaopen_so_zlib(lua_State *L);
 
 /* listener.c, task.c, channel.c */
 void lh_listener_open(lua_State *L);

@@ -260,6 +260,8 @@ int main(int argc, char **argv) {
   lua_setfield(L, -2, "so.tls");
   lua_pushcfunction(L, luaopen_so_fs);
   lua_setfield(L, -2, "so.fs");
+  lua_pushcfunction(L, luaopen_so_zlib);
+  lua_setfield(L, -2, "so.zlib");
   lua_pop(L, 1);
   set_arg(L, argv, argc, script);
   lh_error_init(L);

@@ -45,7 +45,7 @@ describe("an installed luahost", function()
     sh(string.format("cpack --config %s/CPackConfig.cmake -G DEB -B %s",
                      build, tmp))
     local deb = sh(string.format("ls %s/luahost_*.deb", tmp)):gsub("\n$", "")
-    assert.equal("luahost\nliblua5.4-0, libuv1, libssl3, ca-certificates\n",
+    assert.equal("luahost\nliblua5.4-0, libuv1, libssl3, zlib1g, ca-certificates\n",
                  sh("dpkg-deb -f " .. deb .. " Package Depends"):gsub("%a+: ", ""))
     local files = sh("dpkg-deb -c " .. deb)
     for _, f in ipairs { "./usr/bin/luahost", "./usr/share/luahost/lua/so/http.lua",
