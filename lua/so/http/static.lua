@@ -1,0 +1,367 @@
+--[[
+** so.http.static: http.static(dir [, opts]), a handler serving the files
+** under dir, as nginx's static module does: Content-Type by extension,
+** index.html for a directory, conditional requests (ETag, Last-Modified),
+** byte ranges (RFC 9110 §14), files read in chunks as the socket takes
+** them, never whole.
+**
+** Nothing outside dir is reachable: the path is decoded once and refused
+** (403) when it holds an encoded "/", a NUL, a backslash, bytes that are
+** not UTF-8 (overlong forms of "." included) or a "." or ".." segment;
+** and the file's real path (links resolved) must lie under dir's.
+]]
+
+local so = require "so"
+local fs = require "so.fs"
+local mime = require "so.http.mime"
+
+local find, sub, gsub, match, gmatch, lower, format, char =
+  string.find, string.sub, string.gsub, string.match, string.gmatch,
+  string.lower, string.format, string.char
+local floor, tonumber, type, pairs, ipairs, concat, setmetatable =
+  math.floor, tonumber, type, pairs, ipairs, table.concat, setmetatable
+local utf8len = utf8.len
+
+local M = {}
+
+local CHUNK = 64 * 1024   -- bytes read from the file at a time
+local MAX_RANGES = 16     -- more in one request: the whole file (as nginx)
+
+local TEXT = { ["Content-Type"] = "text/plain; charset=utf-8" }
+local function status_only(status, text, headers)
+  return { status = status, headers = headers or TEXT, body = text }
+end
+
+-- {======================================================
+-- Paths
+-- =======================================================
+
+local function hexchar(h) return char(tonumber(h, 16)) end
+
+--[[
+** The request path decoded, as segments under the root; nil, status for
+** a path that must not be served.
+]]
+local function safe_path(path)
+  if find(path, "[%z\\]") then return nil, 403 end
+  if find(path, "%%%X") or find(path, "%%%x%X") or find(path, "%%%x?$") then
+    return nil, 400
+  end
+  if find(path, "%%2[fF]") or find(path, "%%5[cC]") or find(path, "%%00") then
+    return nil, 403  -- an encoded "/", "\" or NUL: not a name
+  end
+  local decoded = gsub(path, "%%(%x%x)", hexchar)
+  if not utf8len(decoded) then return nil, 403 end  -- overlong "." too
+  local segs = {}
+  for seg in gmatch(decoded, "[^/]+") do
+    if seg == "." or seg == ".." then return nil, 403 end
+    segs[#segs + 1] = seg
+  end
+  return concat(segs, "/")
+end
+
+-- Whether real (a real path) is root itself or under it.
+local function under(real, root)
+  return real == root or sub(real, 1, #root + 1) == root .. "/"
+end
+
+-- }======================================================
+
+
+-- {======================================================
+-- Dates, validators
+-- =======================================================
+
+local MONTHS = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6,
+                 Jul = 7, Aug = 8, Sep = 9, Oct = 10, Nov = 11, Dec = 12 }
+
+-- Seconds since the epoch of a UTC date (days from civil, no time zone).
+local function timegm(y, m, d, hh, mm, ss)
+  if m <= 2 then y, m = y - 1, m + 12 end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local doy = floor((153 * (m - 3) + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return ((era * 146097 + doe - 719468) * 24 + hh) * 60 * 60 + mm * 60 + ss
+end
+
+--[[
+** An HTTP date (RFC 9110 §5.6.7: IMF-fixdate, or the obsolete RFC 850
+** and asctime forms) as seconds, or nil.
+]]
+local function parse_date(s)
+  if not s then return nil end
+  local d, mon, y, hh, mm, ss =
+    match(s, "^%a%a%a, (%d%d) (%a%a%a) (%d%d%d%d) (%d%d):(%d%d):(%d%d) GMT$")
+  if not d then
+    d, mon, y, hh, mm, ss =
+      match(s, "^%a+, (%d%d)%-(%a%a%a)%-(%d%d) (%d%d):(%d%d):(%d%d) GMT$")
+    if y then y = tonumber(y) + (tonumber(y) < 70 and 2000 or 1900) end
+  end
+  if not d then
+    mon, d, hh, mm, ss, y =
+      match(s, "^%a%a%a (%a%a%a) +(%d%d?) (%d%d):(%d%d):(%d%d) (%d%d%d%d)$")
+  end
+  if not d or not MONTHS[mon] then return nil end
+  return timegm(tonumber(y), MONTHS[mon], tonumber(d), tonumber(hh),
+                tonumber(mm), tonumber(ss))
+end
+
+local function http_date(t)
+  return os.date("!%a, %d %b %Y %H:%M:%S GMT", t)
+end
+
+-- A strong validator from the size and the modification time.
+local function etag_of(st)
+  return format('"%x-%x"', floor(st.mtime * 1e6), st.size)
+end
+
+-- Whether an If-None-Match list holds etag (weak comparison, §13.1.2).
+local function none_match(list, etag)
+  if match(list, "^%s*%*%s*$") then return true end
+  local opaque = sub(etag, 2, -2)
+  for tag in gmatch(list, '"([^"]*)"') do
+    if tag == opaque then return true end
+  end
+  return false
+end
+
+-- }======================================================
+
+
+-- {======================================================
+-- Ranges
+-- =======================================================
+
+--[[
+** The ranges of a Range header for a file of size bytes: an array of
+** {first, last}; "unsatisfiable"; or nil (no usable header: the whole
+** file, as RFC 9110 asks for a header it cannot parse).
+]]
+local function parse_ranges(h, size)
+  local spec = match(h, "^%s*bytes%s*=%s*(.-)%s*$")
+  if not spec or spec == "" then return nil end
+  local ranges, n = {}, 0
+  for part in gmatch(spec .. ",", "([^,]*),") do
+    part = match(part, "^%s*(.-)%s*$")
+    if part ~= "" then
+      local a, b = match(part, "^(%d*)%-(%d*)$")
+      if not a or (a == "" and b == "") then return nil end
+      local first, last
+      if a == "" then                     -- the last b bytes
+        local len = tonumber(b)
+        if len > 0 then first, last = size - len, size - 1 end
+        if first and first < 0 then first = 0 end
+      else
+        first = tonumber(a)
+        last = b == "" and size - 1 or tonumber(b)
+        if b ~= "" and last < first then return nil end  -- invalid: ignored
+        if last > size - 1 then last = size - 1 end
+      end
+      if first and first < size and first <= last then
+        n = n + 1
+        if n > MAX_RANGES then return nil end
+        ranges[n] = { first, last }
+      end
+    end
+  end
+  if n == 0 then return "unsatisfiable" end
+  return ranges
+end
+
+-- }======================================================
+
+
+--[[
+** A body source for the items of path: strings (multipart's part heads)
+** are sent as they are, {first, last} ranges are read from the file one
+** chunk at a time, as the socket takes them. The file opens when first
+** needed and closes after the last item.
+]]
+local function file_source(path, items)
+  local file, i, pos = nil, 1, nil
+  return function()
+    while true do
+      local item = items[i]
+      if item == nil then
+        if file then file:close(); file = nil end
+        return nil
+      end
+      if type(item) == "string" then
+        i = i + 1
+        return item
+      end
+      pos = pos or item[1]
+      if pos > item[2] then
+        i, pos = i + 1, nil
+      else
+        if not file then
+          local err, name
+          file, err, name = fs.open(path)
+          if not file then return nil, err, name end
+        end
+        local n = item[2] - pos + 1
+        local data, err, name = file:read(n < CHUNK and n or CHUNK, pos)
+        if not data or data == "" then  -- (the file shrank meanwhile)
+          file:close()
+          file = nil
+          return nil, err or "file shorter than its size", name
+        end
+        pos = pos + #data
+        return data
+      end
+    end
+  end
+end
+
+local function boundary()
+  return format("%08x%08x", math.random(0, 0x7fffffff),
+                math.random(0, 0x7fffffff))
+end
+
+--[[
+** http.static(dir [, opts]) -> handler. opts: types (extension -> type,
+** added to so.http.mime's), cache_control (the Cache-Control value),
+** index ("index.html").
+]]
+function M.static(dir, opts)
+  if type(dir) ~= "string" then
+    error("bad argument #1 to 'static' (string expected, got " .. type(dir)
+          .. ")", 2)
+  end
+  opts = opts or {}
+  local types = setmetatable({}, { __index = mime })
+  for k, v in pairs(opts.types or {}) do types[lower(k)] = v end
+  local index = opts.index or "index.html"
+  local cache_control = opts.cache_control
+  local root  -- dir's real path, found at the first request
+
+  local function headers_for(real, st)
+    local ext = lower(match(real, "%.([^./]+)$") or "")
+    local h = {
+      ["Content-Type"] = types[ext] or types.default,
+      ["ETag"] = etag_of(st),
+      ["Last-Modified"] = http_date(floor(st.mtime)),
+      ["Accept-Ranges"] = "bytes",
+    }
+    if cache_control then h["Cache-Control"] = cache_control end
+    return h
+  end
+
+  -- The file to serve: real path, stat; or nil, status.
+  local function find_file(path)
+    if not root then
+      local r, err = fs.realpath(dir)
+      if not r then return nil, 500, err end
+      root = r
+    end
+    local rel, status = safe_path(path)
+    if not rel then return nil, status end
+    local real, err, name = fs.realpath(rel == "" and root or root .. "/" .. rel)
+    if not real then
+      return nil, (name == "ENOENT" or name == "ENOTDIR") and 404 or 403
+    end
+    if not under(real, root) then return nil, 403 end
+    local st = fs.stat(real)
+    if not st then return nil, 404 end
+    if st.mode == "directory" then
+      if sub(path, -1) ~= "/" then return nil, 301 end
+      real = fs.realpath(real .. "/" .. index)
+      if not real or not under(real, root) then return nil, 404 end
+      st = fs.stat(real)
+      if not st then return nil, 404 end
+    end
+    if st.mode ~= "file" then return nil, 403 end
+    return real, st
+  end
+
+  return function(req)
+    local method = req.method
+    if method ~= "GET" and method ~= "HEAD" then
+      return { status = 405, body = "method not allowed\n",
+               headers = { ["Allow"] = "GET, HEAD",
+                           ["Content-Type"] = TEXT["Content-Type"] } }
+    end
+    local real, st = find_file(req.path)
+    if not real then
+      if st == 301 then
+        local loc = req.path .. "/" .. (req.query and "?" .. req.query or "")
+        return { status = 301, body = "moved\n",
+                 headers = { ["Location"] = loc,
+                             ["Content-Type"] = TEXT["Content-Type"] } }
+      end
+      local text = st == 404 and "not found\n" or st == 403 and "forbidden\n"
+                   or st == 400 and "bad request\n" or "error\n"
+      return status_only(st, text)
+    end
+    local headers = headers_for(real, st)
+    local etag, rh = headers.ETag, req.headers
+    -- Conditional requests (RFC 9110 §13.2.2): If-None-Match wins.
+    local inm = rh["if-none-match"]
+    local not_modified
+    if inm then
+      not_modified = none_match(inm, etag)
+    else
+      local ims = parse_date(rh["if-modified-since"])
+      not_modified = ims ~= nil and floor(st.mtime) <= ims
+    end
+    if not_modified then
+      headers["Content-Type"], headers["Accept-Ranges"] = nil, nil
+      return { status = 304, headers = headers }
+    end
+    local size = st.size
+    local range = rh.range
+    local ranges
+    if range and method == "GET" then
+      local ir = rh["if-range"]
+      local fresh = true
+      if ir then
+        if sub(ir, 1, 1) == '"' then fresh = ir == etag
+        else fresh = parse_date(ir) == floor(st.mtime) end
+      end
+      if fresh then ranges = parse_ranges(range, size) end
+    end
+    if ranges == "unsatisfiable" then
+      return { status = 416, body = "range not satisfiable\n",
+               headers = { ["Content-Range"] = "bytes */" .. size,
+                           ["Content-Type"] = TEXT["Content-Type"] } }
+    end
+    if not ranges then
+      headers["Content-Length"] = size
+      return { status = 200, headers = headers,
+               body = file_source(real, { { 0, size - 1 } }) }
+    end
+    if #ranges == 1 then
+      local r = ranges[1]
+      headers["Content-Range"] = format("bytes %d-%d/%d", r[1], r[2], size)
+      headers["Content-Length"] = r[2] - r[1] + 1
+      return { status = 206, headers = headers,
+               body = file_source(real, { r }) }
+    end
+    -- Several: multipart/byteranges, its length known in advance.
+    local b = boundary()
+    local ctype = headers["Content-Type"]
+    local total, items = 0, {}
+    for i, r in ipairs(ranges) do
+      local head = format("%s--%s\r\nContent-Type: %s\r\n"
+                          .. "Content-Range: bytes %d-%d/%d\r\n\r\n",
+                          i == 1 and "" or "\r\n", b, ctype, r[1], r[2],
+                          size)
+      items[#items + 1] = head
+      items[#items + 1] = r
+      total = total + #head + r[2] - r[1] + 1
+    end
+    local closing = "\r\n--" .. b .. "--\r\n"
+    items[#items + 1] = closing
+    total = total + #closing
+    headers["Content-Type"] = "multipart/byteranges; boundary=" .. b
+    headers["Content-Length"] = total
+    return { status = 206, headers = headers, body = file_source(real, items) }
+  end
+end
+
+M.parse_ranges = parse_ranges
+M.parse_date = parse_date
+M.safe_path = safe_path
+
+return M
