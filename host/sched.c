@@ -345,7 +345,12 @@ int lh_wait(lua_State *L, lh_task *t, const lh_waitkind *kind, void *on,
     return lh_unwind(L);
   }
   if (timeout_ms >= 0 || t->deadline >= 0) {
-    int64_t now = lh_now();
+    int64_t now;
+    /* A timeout counts from now, not from the loop turn's start: a task
+       may have computed for a while since. */
+    if (timeout_ms > 0)
+      uv_update_time(lh_H.loop);
+    now = lh_now();
     if (timeout_ms >= 0)
       d = now + timeout_ms;
     if (t->deadline >= 0 && (d < 0 || t->deadline <= d)) {

@@ -180,6 +180,8 @@ static int so_readable(lua_State *L) {
       n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
     while (n < 0 && errno == EINTR);
     r = !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+    if (n < 0 && r)  /* the peek took the socket's error: keep it */
+      s->err = -errno;
   }
   lua_pushboolean(L, r);
   return 1;

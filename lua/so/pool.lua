@@ -20,7 +20,9 @@
 local so = require "so"
 
 local now, readable, close = so.now, so.readable, so.close
-local type, tostring, error, pairs = type, tostring, error, pairs
+local type, tostring, error, pairs, pcall, getmetatable =
+  type, tostring, error, pairs, pcall, getmetatable
+local find = string.find
 
 local M = {}
 
@@ -63,7 +65,9 @@ function M.get(key)
     local c, e = list[n], expires[n]
     list[n], expires[n] = nil, nil
     n = n - 1
-    if e > t and not readable(c) then
+    -- (a conn its owner closed after putting it is dropped: pcall)
+    local ok, busy = pcall(readable, c)
+    if e > t and ok and not busy then
       list.n = n
       return c
     end
@@ -87,11 +91,16 @@ function M.put(key, conn, idle)
     error("bad argument #3 to 'put' (non-negative number expected, got "
           .. tostring(idle) .. ")", 2)
   end
-  if type(conn) ~= "userdata" then
-    error("bad argument #2 to 'put' (conn expected, got " .. type(conn)
-          .. ")", 2)
+  local ok, busy = pcall(readable, conn)
+  if not ok then
+    if find(busy, "closed conn", 1, true) then
+      error("attempt to use a closed conn", 2)
+    end
+    local mt = getmetatable(conn)
+    error("bad argument #2 to 'put' (conn expected, got "
+          .. (type(mt) == "table" and mt.__name or type(conn)) .. ")", 2)
   end
-  if readable(conn) then  -- (raises for what is not an open conn)
+  if busy or config.max_idle < 1 then
     close(conn)
     return false
   end
@@ -103,6 +112,12 @@ function M.put(key, conn, idle)
   else
     sweep(list, t)
   end
+  for i = 1, list.n do  -- put twice: once in the pool
+    if list[i] == conn then
+      list.expires[i] = t + (idle or config.idle_timeout)
+      return true
+    end
+  end
   local max = config.max_idle
   if list.n >= max then  -- the oldest makes room
     local expires = list.expires
@@ -110,7 +125,6 @@ function M.put(key, conn, idle)
     for i = 1, list.n - 1 do list[i], expires[i] = list[i + 1], expires[i + 1] end
     list[list.n], expires[list.n] = nil, nil
     list.n = list.n - 1
-    if max < 1 then return false end
   end
   local n = list.n + 1
   list[n], list.expires[n] = conn, t + (idle or config.idle_timeout)
@@ -128,7 +142,7 @@ function M.configure(opts)
       error("bad argument #1 to 'configure' (table expected, got "
             .. type(opts) .. ")", 2)
     end
-    for k, v in pairs(opts) do
+    for k, v in pairs(opts) do  -- all checked before any is applied
       if config[k] == nil then
         error("bad argument #1 to 'configure' (unknown option '"
               .. tostring(k) .. "')", 2)
@@ -137,8 +151,8 @@ function M.configure(opts)
               .. " must be a non-negative " .. (k == "max_idle" and "integer" or "number")
               .. ")", 2)
       end
-      config[k] = v
     end
+    for k, v in pairs(opts) do config[k] = v end
   end
   return { max_idle = config.max_idle, idle_timeout = config.idle_timeout }
 end
