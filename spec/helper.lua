@@ -419,4 +419,127 @@ function helper.tls_certs()
   return certs
 end
 
+
+-- A free TCP port on 127.0.0.1 (bound and released: another process may
+-- take it meanwhile, which the specs that use it accept).
+function helper.free_port()
+  local l = assert(so.listen("127.0.0.1", 0))
+  local _, port = so.sockname(l)
+  l:close()
+  return port
+end
+
+-- Waits until something accepts connections on host:port (at most
+-- `seconds`, default 10). True when it does.
+function helper.wait_port(port, host, seconds)
+  return helper.wait_until(function()
+    local c = so.connect(host or "127.0.0.1", port)
+    if c then c:close(); return true end
+    return false
+  end, seconds or 10)
+end
+
+--[[
+** nginx (Debian's, with its Lua module) started as bench/run starts its
+** peer: a temporary prefix, `daemon off`, one worker, listening on a free
+** port of 127.0.0.1. `http_conf` is the text inside its `http { }` block,
+** with @PORT@ and @PREFIX@ replaced. Returns a handle: ngx.port,
+** ngx.prefix, ngx:stop(); or nil, why (nginx or its Lua module missing,
+** or it did not start).
+]]
+function helper.nginx(http_conf)
+  if not os.execute("command -v nginx >/dev/null 2>&1") then
+    return nil, "nginx not found"
+  end
+  local lua_mod = "/usr/lib/nginx/modules/ngx_http_lua_module.so"
+  local has_lua = io.open(lua_mod) ~= nil
+  local prefix = os.tmpname()
+  os.remove(prefix)
+  assert(lfs.mkdir(prefix))
+  assert(lfs.mkdir(prefix .. "/tmp"))
+  local port = helper.free_port()
+  http_conf = http_conf:gsub("@PORT@", tostring(port))
+                       :gsub("@PREFIX@", prefix)
+  local conf = table.concat({
+    "daemon off;",
+    "master_process on;",
+    "worker_processes 1;",
+    "pid " .. prefix .. "/nginx.pid;",
+    "error_log " .. prefix .. "/error.log warn;",
+    has_lua and "load_module /usr/lib/nginx/modules/ndk_http_module.so;" or "",
+    has_lua and "load_module " .. lua_mod .. ";" or "",
+    "events { worker_connections 1024; }",
+    "http {",
+    "  access_log off;",
+    "  client_body_temp_path " .. prefix .. "/tmp/body;",
+    "  proxy_temp_path " .. prefix .. "/tmp/proxy;",
+    "  fastcgi_temp_path " .. prefix .. "/tmp/fastcgi;",
+    "  uwsgi_temp_path " .. prefix .. "/tmp/uwsgi;",
+    "  scgi_temp_path " .. prefix .. "/tmp/scgi;",
+    http_conf,
+    "}", "" }, "\n")
+  local f = assert(io.open(prefix .. "/nginx.conf", "w"))
+  f:write(conf)
+  f:close()
+  local h = helper.bg("exec nginx -p " .. helper.shq(prefix) .. " -c "
+                      .. helper.shq(prefix .. "/nginx.conf"))
+  local ngx = { port = port, prefix = prefix, has_lua = has_lua, bg = h }
+  function ngx:stop()
+    if self.stopped then return end
+    self.stopped = true
+    local pf = io.open(self.prefix .. "/nginx.pid")
+    local pid = pf and tonumber(pf:read("l"))
+    if pf then pf:close() end
+    if pid then os.execute(string.format("kill -QUIT %d 2>/dev/null", pid))
+    else self.bg:kill() end
+    self.bg:wait(5)
+    os.execute("rm -rf " .. helper.shq(self.prefix))
+  end
+  if not helper.wait_port(port) then
+    local _, err = h:output()
+    ngx:stop()
+    return nil, "nginx did not start: " .. err
+  end
+  return ngx
+end
+
+--[[
+** Runs Python source (python3 -u) in the background with `args`; it must
+** print "port N" once it listens (and may print "pid N" before, for a
+** quick stop: else it is killed with its shell). Returns a handle: p.port,
+** p:stop(), p:output(); or nil, why.
+]]
+function helper.python_server(source, ...)
+  local path = os.tmpname() .. ".py"
+  local f = assert(io.open(path, "w"))
+  f:write(source)
+  f:close()
+  local args = { ... }
+  for i, a in ipairs(args) do args[i] = helper.shq(a) end
+  local h = helper.bg("exec python3 -u " .. helper.shq(path) .. " "
+                      .. table.concat(args, " "))
+  local p = { bg = h, path = path }
+  function p:output() return self.bg:output() end
+  function p:stop()
+    if self.stopped then return end
+    self.stopped = true
+    local pid = tonumber((self.bg:output()):match("pid (%d+)"))
+    if pid then os.execute(string.format("kill -TERM %d 2>/dev/null", pid))
+    else self.bg:kill() end
+    self.bg:wait(5)
+    os.remove(self.path)
+  end
+  local ok = helper.wait_until(function()
+    local out = h:output()
+    p.port = tonumber(out:match("port (%d+)"))
+    return p.port ~= nil or h:done() ~= nil
+  end, 10)
+  if not ok or not p.port then
+    local _, err = h:output()
+    p:stop()
+    return nil, "python server did not start: " .. err
+  end
+  return p
+end
+
 return helper

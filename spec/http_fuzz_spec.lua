@@ -146,3 +146,110 @@ describe("so.http under fuzzing", function()
     assert.is_true(helper.wait_until(function() return live == 0 end, 5))
   end)
 end)
+
+-- Responses for the client: valid ones, mutated as requests are.
+local RESPONSES = {
+  "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+  "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    .. "5\r\nhello\r\n3;e=\"q\"\r\nabc\r\n0\r\nT: 1\r\n\r\n",
+  "HTTP/1.1 204 No Content\r\nX-A: b\r\n\r\n",
+  "HTTP/1.0 200 OK\r\n\r\nuntil the close",
+  "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+  "HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+  "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbye",
+}
+
+describe("so.http's client under fuzzing", function()
+  local pool = require "so.pool"
+  local snap
+  before_each(function()
+    pool.clear()
+    snap = helper.snapshot()
+  end)
+  after_each(function()
+    pool.clear()
+    helper.assert_clean(snap)
+  end)
+
+  it("returns a response or nil, msg, name for any reply, never raises, pools no bad conn",
+     function()
+    math.randomseed(SEED + 1)
+    local M = math.max(N // 2, 10)
+    local replies = {}
+    for k = 1, M do
+      if k % 7 == 0 then replies[k] = random_bytes(math.random(0, 200))
+      else replies[k] = mutate(RESPONSES[math.random(#RESPONSES)]) end
+    end
+    -- The server answers request /k with replies[k], on as many requests
+    -- as a conn carries; every 10th reply it cuts in half and stalls.
+    local live = 0
+    local l, _, port = helper.server(function(c)
+      live = live + 1
+      c:settimeout(2)
+      local r = reader.new(c)
+      while true do
+        local head = r:readuntil("\r\n\r\n")
+        if not head then break end
+        local k = tonumber(head:match("^%u+ /(%d+)"))
+        if head:match("^GET /ok ") then
+          if not c:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") then
+            break
+          end
+        elseif not k then
+          break
+        elseif k % 10 == 0 then
+          -- Half the reply, then a stall until the client gives up.
+          c:write(replies[k]:sub(1, #replies[k] // 2))
+          r:read("a")
+          break
+        elseif not c:write(replies[k]) then
+          break
+        end
+      end
+      c:close()
+      live = live - 1
+    end)
+    local failures, outcomes = {}, { ok = 0, failed = 0 }
+    local next_k = 0
+    local function worker()
+      while next_k < M do
+        next_k = next_k + 1
+        local k = next_k
+        local ok, res, err, name = pcall(http.request, {
+          url = "http://127.0.0.1:" .. port .. "/" .. k, timeout = 0.3,
+          method = k % 3 == 0 and "HEAD" or "GET" })
+        if ok and res then
+          ok, res, err, name = pcall(res.body.readall, res.body)
+        end
+        if not ok then
+          failures[#failures + 1] = ("%q: %s"):format(replies[k], tostring(res))
+        elseif res then
+          outcomes.ok = outcomes.ok + 1
+        elseif type(err) ~= "string" or type(name) ~= "string"
+               or not err:find("^" .. name:gsub("%W", "%%%0") .. ":") and name ~= "ETLS" then
+          failures[#failures + 1] = ("%q: bad error %s %s"):format(
+            replies[k], tostring(err), tostring(name))
+        else
+          outcomes.failed = outcomes.failed + 1
+        end
+      end
+    end
+    local workers = {}
+    for i = 1, 25 do workers[i] = so.spawn(worker) end
+    for _, t in ipairs(workers) do helper.join(t, 60) end
+    assert.are.same({}, failures)
+    assert.is_true(outcomes.ok > 0 and outcomes.failed > 0)
+    -- What the pool kept is sound: its conns carry valid requests.
+    local kept = pool.count()
+    for _ = 1, kept + 5 do
+      local res, err = http.request{ url = "http://127.0.0.1:" .. port .. "/ok",
+                                     timeout = 2 }
+      assert.is_truthy(res, err)
+      assert.are.equal(200, res.status)
+      assert.are.equal("ok", res.body:readall())
+    end
+    pool.clear()
+    l:close()
+    assert.is_true(helper.wait_until(function() return live == 0 end, 5))
+  end)
+end)

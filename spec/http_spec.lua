@@ -411,7 +411,7 @@ describe("so.http", function()
           .. "64\r\n" .. ("x"):rep(100) .. "\r\n1\r\ny\r\n0\r\n\r\n", 413 },
         { "POST / HTTP/1.1\r\n" .. H .. "Expect: teapot\r\nContent-Length: 1\r\n\r\nx", 417 },
         { "GET / HTTP/1.1\r\n" .. H .. "X: " .. ("y"):rep(9000) .. "\r\n\r\n", 431 },
-        { "GET /" .. ("y"):rep(9000) .. " HTTP/1.1\r\n" .. H .. "\r\n", 431 },
+        { "GET /" .. ("y"):rep(9000) .. " HTTP/1.1\r\n" .. H .. "\r\n", 414 },
         { "GET / HTTP/1.1\r\n" .. H .. ("X: y\r\n"):rep(101) .. "\r\n", 431 },
       }
       for _, case in ipairs(cases) do expect_status(port, case[1], case[2]) end

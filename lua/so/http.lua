@@ -27,8 +27,10 @@ local reader = require "so.reader"
 local parse = require "so.http.parse"
 local bodies = require "so.http.body"
 local response = require "so.http.response"
+local client = require "so.http.client"
 
-local find, sub, lower = string.find, string.sub, string.lower
+local find, sub, lower, match =
+  string.find, string.sub, string.lower, string.match
 local type, pairs, setmetatable, xpcall, error =
   type, pairs, setmetatable, xpcall, error
 local traceback = debug.traceback
@@ -44,9 +46,15 @@ local M = {}
 -- Reason phrases by status (the table so.http.response reads).
 M.reasons = response.reasons
 
+-- The client: http.request(opts), http.get(url [, headers]), and the
+-- defaults of request's options.
+M.request, M.get = client.request, client.get
+M.client_defaults = client.defaults
+
 -- Defaults of the options of http.listen and http.serve_conn.
 M.defaults = {
   max_head = 8192,            -- bytes of request line and headers (431)
+  max_target = 8192,          -- bytes of the request target (414)
   max_headers = 100,          -- header lines (431)
   max_body = 1024 * 1024,     -- request body bytes (413); false: no limit
   header_timeout = 10,        -- seconds for a whole request head (408)
@@ -120,6 +128,17 @@ local function handle(c, req, body)
   local o = c.o
   local t0 = o.access_log and so_now()
   local ok, res, h, b = xpcall(c.handler, traceback, req, body)
+  if req.hijacked then
+    -- The handler took the connection over (a WebSocket): nothing more is
+    -- written; the connection closes.
+    if not ok then log_error(o, "handler failed", res) end
+    if t0 then
+      local log = o.access_log == true and clf or o.access_log
+      log(req, 101, nil, so_now() - t0)
+    end
+    c.hijacked = true
+    return false
+  end
   local status, headers, rbody
   if not ok then
     if not body.status then log_error(o, "handler failed", res) end
@@ -131,8 +150,10 @@ local function handle(c, req, body)
     status, headers, rbody = res.status or 200, res.headers, res.body
   elseif tr == "number" then
     status, headers, rbody = res, h, b
-  elseif tr == "string" then
+  elseif tr == "string" and h == nil and b == nil then
     status, rbody = 200, res
+  elseif tr == "string" then
+    status, headers, rbody = res, h, b         -- a status as a string: 500
   else
     log_error(o, "handler failed", "returned " .. tr
               .. " (a response table expected)")
@@ -169,7 +190,23 @@ local function normalize_opts(opts)
   if not o.access_log then o.access_log = nil end
   if not o.tls then o.tls = nil end
   o.head_opts = { inclusive = true, limit = o.max_head }
+  o.lid = o.max_headers .. "/" .. o.max_target  -- (see parse.parse_head)
   return o
+end
+
+--[[
+** The status for a head over max_head (the reader keeps its bytes): 414
+** when its request line is itself too long to be read whole or its target
+** is longer than max_target, else 431.
+]]
+local function too_long(r, o)
+  local buf, pos = r.buf, r.pos
+  while sub(buf, pos, pos + 1) == "\r\n" do pos = pos + 2 end
+  local e = find(buf, "\r\n", pos, true)
+  if not e then return 414 end
+  local target = match(sub(buf, pos, e - 1), "^[^ ]* ([^ ]*)")
+  if target and #target > o.max_target then return 414 end
+  return 431
 end
 
 --[[
@@ -181,8 +218,7 @@ local function serve_conn(conn, handler, o)
   local r = reader.new(conn)
   local c = { conn = conn, r = r, o = o, handler = handler, keep = true,
               version = "1.1", method = "GET" }
-  local head_opts, max_headers, max_head = o.head_opts, o.max_headers,
-                                           o.max_head
+  local head_opts, lid, max_head = o.head_opts, o.lid, o.max_head
   local keepalive, header_timeout = o.keepalive_timeout, o.header_timeout
   local served = 0
   local graceful = true
@@ -218,7 +254,7 @@ local function serve_conn(conn, handler, o)
       head, err, x = r:readuntil("\r\n\r\n", head_opts)
       r:setdeadline(nil)
       if not head then
-        if err == "message too long" then send_error(conn, 431)
+        if err == "message too long" then send_error(conn, too_long(r, o))
         elseif x == "ETIMEDOUT" then send_error(conn, 408)
         elseif err == "EOF" and x ~= "" and find(x, "[^\r\n]") then
           send_error(conn, 400)
@@ -226,7 +262,7 @@ local function serve_conn(conn, handler, o)
         break
       end
     end
-    local req, f = parse_head(head, max_headers)
+    local req, f = parse_head(head, lid, o)
     if req then
       local headers, version = req.headers, f.version
       local body, status = EMPTY, nil
@@ -247,7 +283,7 @@ local function serve_conn(conn, handler, o)
       if c.closing then c.keep = false end
       c.version, c.method = version, f.method
       setmetatable(headers, HeadersMT)
-      req.conn = conn
+      req.conn, req.reader = conn, r
       if not handle(c, req, body) then break end
     elseif req == nil then
       send_error(conn, f)
@@ -255,7 +291,7 @@ local function serve_conn(conn, handler, o)
     end
   end
   active[c] = nil
-  if graceful and not c.closing then
+  if graceful and not c.closing and not c.hijacked then
     close_gracefully(conn, o.linger)
   else
     so_close(conn)

@@ -8,7 +8,8 @@
 local so = require "so"
 local parse = require "so.http.parse"
 
-local find, lower, format = string.find, string.lower, string.format
+local find, lower, upper, format, gsub =
+  string.find, string.lower, string.upper, string.format, string.gsub
 local type, next, tostring, tonumber, setmetatable, xpcall, pcall, error =
   type, next, tostring, tonumber, setmetatable, xpcall, pcall, error
 local traceback = debug.traceback
@@ -45,9 +46,9 @@ local reasons = {
   [504] = "Gateway Timeout", [505] = "HTTP Version Not Supported",
 }
 
--- Status lines, built once.
+-- Status lines, built once; nil for what is not an integer 100-599.
 local STATUS_LINE = setmetatable({}, { __index = function(t, status)
-  if type(status) ~= "number" or status < 100 or status > 999
+  if type(status) ~= "number" or status < 100 or status > 599
      or status % 1 ~= 0 then
     return nil
   end
@@ -99,9 +100,9 @@ end
 ** Response headers. A handler's header (name, value) becomes a line once:
 ** the lines are cached (bounded) by name and value, so that the constant
 ** headers most handlers return cost a lookup. NAME[name] is the lower-case
-** name, or false for a name that is not a token.
+** name of a name spelled in the canonical case (see lname_of below).
 ]]
-local NAME = {}
+local NAME, name_n = {}, 0
 local line_cache, line_n = {}, 0
 local SPECIAL = { ["content-length"] = true, ["date"] = true,
                   ["transfer-encoding"] = true, ["connection"] = true }
@@ -124,19 +125,121 @@ local function header_line(k, v)
   return line
 end
 
+-- The canonical case of a lower-case name: Content-Type, Www-Authenticate
+-- (cached, bounded).
+local CANON, canon_n = {}, 0
+local function canonical(lk)
+  local c = CANON[lk]
+  if c then return c end
+  c = gsub(gsub(lk, "^%l", upper), "%-%l", upper)
+  if #lk <= CACHE_LINE then
+    if canon_n >= CACHE_MAX then CANON, canon_n = {}, 0 end
+    CANON[lk] = c
+    canon_n = canon_n + 1
+  end
+  return c
+end
+
+--[[
+** Whether the odd (non-canonical) key k of lower-case name lk shares its
+** name with another key of headers: the canonical spelling, or another
+** odd key (odd keys of one rendering are stamped with its number g in
+** `seen`, which is dropped whole when it grows past CACHE_MAX).
+]]
+local seen, seen_n = {}, 0
+local function twice(headers, k, lk, g)
+  local c = canonical(lk)
+  if c ~= k and headers[c] ~= nil then return true end
+  local s = seen[lk]
+  if s == g then return true end
+  if s == nil then
+    if seen_n >= CACHE_MAX then seen, seen_n = {}, 0 end
+    seen_n = seen_n + 1
+  end
+  seen[lk] = g
+  return false
+end
+local gen = 0
+
+--[[
+** The lower-case name of a header key, or false when it is not a token.
+** NAME caches the keys spelled in the canonical case (most handlers'),
+** ODD the others (and names that are not tokens): a table of canonical
+** keys only cannot hold one name twice, so only ODD keys call for the
+** check for duplicates.
+]]
+local ODD, odd_n = {}, 0
+
+local function lname_of(k)
+  local lk = NAME[k]
+  if lk ~= nil then return lk end
+  lk = ODD[k]
+  if lk ~= nil then return lk end
+  lk = type(k) == "string" and find(k, TOKEN) and lower(k) or false
+  if type(k) == "string" and #k <= CACHE_LINE then
+    if lk and k == canonical(lk) then
+      if name_n >= CACHE_MAX then NAME, name_n = {}, 0 end
+      NAME[k] = lk
+      name_n = name_n + 1
+    else
+      if odd_n >= CACHE_MAX then ODD, odd_n = {}, 0 end
+      ODD[k] = lk
+      odd_n = odd_n + 1
+    end
+  end
+  return lk
+end
+
+--[[
+** A header table with keys that differ only in case (content-type and
+** Content-Type): a copy with one key of each, the one spelled in the
+** canonical case, or else the least in byte order (whatever the table's
+** order), with its value. Keys that are not tokens are kept (they are
+** reported when rendered). Or nil: no name is there twice.
+]]
+local function dedup(headers)
+  local best, dup = {}, false
+  for k in next, headers do
+    local lk = lname_of(k)
+    if lk then
+      local b = best[lk]
+      if b == nil then
+        best[lk] = k
+      else
+        dup = true
+        if b ~= canonical(lk) and (k == canonical(lk) or k < b) then
+          best[lk] = k
+        end
+      end
+    end
+  end
+  if not dup then return nil end
+  local out = {}
+  for k, v in next, headers do
+    if not lname_of(k) then out[k] = v end
+  end
+  for _, k in next, best do out[k] = headers[k] end
+  return out
+end
+
 --[[
 ** Render a handler's headers. Returns lines, content-length (string or
 ** nil), close, or nil, message for a bad header.
 ]]
 local function render_headers(headers)
-  local lines, cl, close = "", nil, false
+  local lines, cl, close, g = "", nil, false, nil
   for k, v in next, headers do
     local lk = NAME[k]
     if lk == nil then
-      lk = type(k) == "string" and find(k, TOKEN) and lower(k) or false
-      if type(k) == "string" and #k <= CACHE_LINE then NAME[k] = lk end
+      -- Not a canonical name: the table may hold a name twice.
+      lk = lname_of(k)
+      if not lk then return nil, "invalid header name " .. tostring(k) end
+      if not g then g = gen + 1; gen = g end
+      if twice(headers, k, lk, g) then
+        local once = dedup(headers)
+        if once then return render_headers(once) end
+      end
     end
-    if not lk then return nil, "invalid header name " .. tostring(k) end
     if SPECIAL[lk] then
       if lk == "content-length" then
         cl = tostring(v)
@@ -212,7 +315,10 @@ local function respond(c, req, body, status, headers, rbody)
   local conn, o = c.conn, c.o
   local status_line = STATUS_LINE[status]
   if not status_line then
-    log_error(o, "bad response", "invalid status " .. tostring(status))
+    log_error(o, "bad response", "invalid status "
+              .. (type(status) == "string" and format("%q (a string)", status)
+                  or tostring(status))
+              .. ": an integer 100-599 expected")
     return false, 500
   end
   local lines, cl, close = "", nil, not c.keep
@@ -338,6 +444,10 @@ end
 
 M.reasons = reasons
 M.date_header = date_header
+M.lname_of = lname_of
+M.canonical = canonical
+M.dedup = dedup
+M.header_line = header_line
 M.log_error = log_error
 M.send_error = send_error
 M.respond = respond
