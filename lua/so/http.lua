@@ -49,6 +49,9 @@ M.reasons = response.reasons
 -- The client: http.request(opts), http.get(url [, headers]), and the
 -- defaults of request's options.
 M.request, M.get = client.request, client.get
+
+-- http.static(dir [, opts]): a handler serving the files under dir.
+M.static = require("so.http.static").static
 M.client_defaults = client.defaults
 
 -- Defaults of the options of http.listen and http.serve_conn.
@@ -67,6 +70,8 @@ M.defaults = {
   access_log = false,         -- function(req, status, bytes, seconds), or
                               -- true: one line a request through so.log
   tls = false,                -- a tls.server context: HTTPS
+  gzip_min = 1024,            -- compress text bodies of this size or more
+                              -- for clients that accept gzip; false: never
 }
 
 -- The Date header line of this second; the body of a request without one.
@@ -189,6 +194,7 @@ local function normalize_opts(opts)
   if not o.log then o.log = nil end
   if not o.access_log then o.access_log = nil end
   if not o.tls then o.tls = nil end
+  if not o.gzip_min then o.gzip_min = nil end
   o.head_opts = { inclusive = true, limit = o.max_head }
   o.lid = o.max_headers .. "/" .. o.max_target  -- (see parse.parse_head)
   return o

@@ -311,6 +311,8 @@ local JOIN_MAX = 2048
 ** (close it), false, status (nothing was sent: answer with that status),
 ** or nil (failed after the head was sent: drop the connection).
 ]]
+local gzip_apply = require("so.http.gzip").apply
+
 local function respond(c, req, body, status, headers, rbody)
   local conn, o = c.conn, c.o
   local status_line = STATUS_LINE[status]
@@ -320,6 +322,11 @@ local function respond(c, req, body, status, headers, rbody)
                   or tostring(status))
               .. ": an integer 100-599 expected")
     return false, 500
+  end
+  local gzip_min = o.gzip_min
+  if gzip_min and status == 200 and rbody ~= nil and c.method ~= "HEAD"
+     and not (type(rbody) == "string" and #rbody < gzip_min) then
+    headers, rbody = gzip_apply(req, status, headers, rbody, o, source_of)
   end
   local lines, cl, close = "", nil, not c.keep
   if headers then
