@@ -29,6 +29,7 @@ typedef struct lh_file {
 typedef struct fs_req {
   uv_fs_t req;
   lh_task *task;               /* NULL once the task stopped waiting */
+  int abandoned;               /* counted in lh_H.fs_abandoned */
   int (*push)(lua_State *L);   /* the results, from the request */
   char *buf;                   /* read: where the bytes land */
   int ref;                     /* write: the string written, anchored */
@@ -125,6 +126,8 @@ static void on_fs(uv_fs_t *req) {
   fs_req *r = (fs_req *)req;
   lh_task *t = r->task;
   int n;
+  if (r->abandoned)
+    lh_H.fs_abandoned--;
   if (t != NULL && lh_H.L != NULL) {
     if (req->result < 0)
       lh_resume_err(t, (int)req->result);
@@ -145,7 +148,12 @@ static void on_fs(uv_fs_t *req) {
 static void cancel_fs(lh_task *t) {
   fs_req *r = t->wait.on;
   r->task = NULL;
-  uv_cancel((uv_req_t *)&r->req);  /* if still queued; else it runs on */
+  /* Still queued: it ends now. Else it runs on: counted, so that it keeps
+     nothing alive (see main.c). */
+  if (uv_cancel((uv_req_t *)&r->req) != 0) {
+    r->abandoned = 1;
+    lh_H.fs_abandoned++;
+  }
 }
 
 static void describe_fs(lh_task *t, char *buf, size_t size) {
@@ -272,8 +280,8 @@ static int file_close(lua_State *L) {
     lua_pushboolean(L, 1);
     return 1;
   }
+  r = newreq(L, &t, "close", push_true);  /* (may raise: fd still ours) */
   f->fd = -1;
-  r = newreq(L, &t, "close", push_true);
   return wait_fs(L, t, r, uv_fs_close(lh_H.loop, &r->req, fd, on_fs));
 }
 

@@ -238,6 +238,9 @@ typedef struct lh_host {
      that runs now (NULL: none), and a count of resumes and returns. */
   lua_State *running;
   uint64_t run_seq;
+  /* fs requests whose task stopped waiting while a pool thread runs them
+     (a FIFO's open may never end): they must not keep the host alive. */
+  int fs_abandoned;
   /* Counters since start, for so.stats. */
   uint64_t accepts, bytes_in, bytes_out, timeouts, errors;
 } lh_host;

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/resource.h>
 
 #include <lualib.h>
@@ -121,10 +122,26 @@ static void teardown(lua_State *L) {
   /* A uv_stop before (the script raised) would end this run at once: a
      first run clears it, the second runs the close callbacks. */
   uv_run(lh_H.loop, UV_RUN_NOWAIT);
+  if (lh_H.fs_abandoned > 0)
+    return;  /* main exits without waiting for the pool: see below */
   uv_run(lh_H.loop, UV_RUN_DEFAULT);
   if (uv_loop_close(lh_H.loop) != 0)  /* a handle outlived its owner */
     fprintf(stderr, "%s: internal error: handles left open at exit\n",
             progname);
+}
+
+/*
+** Before each poll: when nothing but abandoned fs requests keeps the loop
+** alive (a FIFO's open that no writer will ever end, its task long gone),
+** the script is done: the loop stops instead of waiting on them.
+*/
+static uv_prepare_t abandoned_check;
+
+static void on_prepare(uv_prepare_t *p) {
+  uv_loop_t *loop = p->loop;
+  if (lh_H.fs_abandoned > 0 && loop->active_handles == 0 &&
+      loop->active_reqs.count == (unsigned)lh_H.fs_abandoned)
+    uv_stop(loop);
 }
 
 static int report_load_error(lua_State *L) {
@@ -291,10 +308,19 @@ int main(int argc, char **argv) {
 
   lh_spawn_main(L, nargs);
   lh_worker_ready();
+  uv_prepare_init(lh_H.loop, &abandoned_check);
+  uv_prepare_start(&abandoned_check, on_prepare);
+  uv_unref((uv_handle_t *)&abandoned_check);
   if (lh_H.exit_status == 0)
     uv_run(lh_H.loop, UV_RUN_DEFAULT);
   status = lh_H.exit_status;
   fflush(stdout);
   teardown(L);
+  if (lh_H.fs_abandoned > 0) {
+    /* A pool thread is stuck in a system call that may never return;
+       exit() would join it (libuv's destructor): leave without. */
+    fflush(NULL);
+    _exit(status);
+  }
   return status;
 }
