@@ -121,7 +121,8 @@ local function none_match(list, etag)
   if match(list, "^%s*%*%s*$") then return true end
   local opaque = sub(etag, 2, -2)
   for tag in gmatch(list, '"([^"]*)"') do
-    if tag == opaque then return true end
+    -- (the gzip coding's ETag names the same file: see so.http.gzip)
+    if tag == opaque or tag == opaque .. "-gzip" then return true end
   end
   return false
 end
