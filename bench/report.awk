@@ -1,12 +1,13 @@
 # report.awk: turns the raw "kv ..." lines of one bench/run into Markdown.
 # Plain POSIX awk (Debian's default is mawk): no asort, no gensub.
 #
-# awk -f report.awk -v kind=echo|http|tls -v title=... -v when=... -v machine=...
+# awk -f report.awk -v kind=echo|http|tls|clients|web -v title=... -v when=... -v machine=...
 #     -v runs=... -v png=FILE -v chart=FILE -v levels=1,10,... SERVERS RAW
 #
 # SERVERS: one line per server, tab-separated: id, label, status
 # (ok | missing | skipped), note.  RAW: lines "kv server=ID rep=N mode=...
-# key=value ... ok=0|1" as bench/run collects them from loadgen or wrk.
+# key=value ... ok=0|1" as bench/run collects them from loadgen or wrk
+# (kind=clients: "server" is the client measured).
 # Writes the report on stdout and, for kind=echo, the chart's data to
 # `chart` (a tab-separated table: connections, then one column per server).
 
@@ -397,8 +398,158 @@ function tls_report(    i, s, m, v, a, b, any) {
   }
 }
 
+# bench/run clients: the client is what is measured.  For each figure (a
+# mode), the luahost client, the Node one and the C ceiling.
+function cl_ids(m) {
+  if (m == "http") { CL_L = "luahost-http"; CL_N = "node-fetch"; CL_C = "wrk" }
+  else { CL_L = "luahost-redis"; CL_N = "ioredis"; CL_C = "redis-benchmark" }
+}
+
+function cl_title(m) {
+  if (m == "http") return "HTTP keep-alive GET /, requests/s"
+  if (m == "get") return "Redis GET, ops/s"
+  if (m == "set") return "Redis SET, ops/s"
+  if (m == "get-pipelined") return "Redis GET pipelined ×" depth ", ops/s"
+  if (m == "set-pipelined") return "Redis SET pipelined ×" depth ", ops/s"
+  return m
+}
+
+function clients_report(    n, ml, i, j, m, s, ids, what) {
+  print "# " title
+  print ""
+  print "- When: " when
+  print "- Machine: " machine
+  print "- Runs: " runs
+  print "- Load: " conc " concurrent tasks (luahost), requests or connections (Node,"
+  print "  wrk -c" conc ", redis-benchmark -c " conc "), each with one request in flight, or"
+  print "  one pipeline of " depth " commands; every server started fresh for every figure."
+  print "- Figures: medians, with the min–max spread of the runs in brackets."
+  print "  *client CPU %*: the client's CPU over the measured window, in percent of"
+  print "  one core (it has one); *per client CPU-s*: the rate divided by it;"
+  print "  *server CPU %*: nginx's worker or redis-server over the same window."
+  missing_notes()
+  n = split(modes, ml, ",")
+
+  print ""
+  print "## Summary"
+  print ""
+  row("figure | luahost | Node.js | C ceiling | luahost ÷ Node | luahost ÷ ceiling")
+  row("--- | ---: | ---: | ---: | ---: | ---:")
+  for (i = 1; i <= n; i++) {
+    m = ml[i]; cl_ids(m)
+    row(cl_title(m) " | " plain(CL_L, m, "ops_s", "%.0f") " | " plain(CL_N, m, "ops_s", "%.0f") \
+        " | " plain(CL_C, m, "ops_s", "%.0f") " | " ratio(CL_L, m, "ops_s", CL_N) \
+        " | " ratio(CL_L, m, "ops_s", CL_C))
+  }
+  print ""
+  print "Node.js is fetch (undici) for HTTP, ioredis for Redis; the C ceiling is wrk"
+  print "for HTTP, redis-benchmark for Redis."
+
+  for (i = 1; i <= n; i++) {
+    m = ml[i]; cl_ids(m)
+    ids[1] = CL_L; ids[2] = CL_N; ids[3] = CL_C
+    print ""
+    if (m == "http")
+      print "## HTTP: keep-alive GET / against nginx (one worker, `return 200 \"hello world\\n\"`)"
+    else
+      print "## " cl_title(m) " against redis-server"
+    print ""
+    row("client | " (m == "http" ? "requests/s" : "ops/s") " | × Node | × ceiling | client CPU % | per client CPU-s | × Node | server CPU %")
+    row("--- | ---: | ---: | ---: | ---: | ---: | ---: | ---:")
+    for (j = 1; j <= 3; j++) {
+      s = ids[j]
+      if (!(s in status)) continue
+      row(label[s] failnote(s, m) " | " cell(s, m, "ops_s", "%.0f") " | " ratio(s, m, "ops_s", CL_N) \
+          " | " ratio(s, m, "ops_s", CL_C) " | " plain(s, m, "cpu", "%.0f") \
+          " | " cell(s, m, "per_cpu_s", "%.0f") " | " ratio(s, m, "per_cpu_s", CL_N) \
+          " | " plain(s, m, "srv_cpu", "%.0f"))
+    }
+  }
+
+  print ""
+  print "## luahost targets (this run)"
+  print ""
+  row("target | measured | status"); row("--- | ---: | ---")
+  for (i = 1; i <= n; i++) {
+    m = ml[i]; cl_ids(m)
+    what = (m == "http") ? "HTTP client" : "Redis " toupper(substr(m, 1, 3)) (m ~ /pipelined/ ? " pipelined" : "")
+    cl_target(what " ≥ 1.5× " label[CL_N], m, CL_L, CL_N, 1.5, "ops_s")
+    cl_target(what " ≥ 0.6× " label[CL_C], m, CL_L, CL_C, 0.6, "ops_s")
+  }
+  print ""
+  print "The same per second of client CPU (what a request costs the client,"
+  print "whatever share of its core it got; steadier on a shared machine):"
+  print ""
+  row("target | measured | status"); row("--- | ---: | ---")
+  for (i = 1; i <= n; i++) {
+    m = ml[i]; cl_ids(m)
+    what = (m == "http") ? "HTTP client" : "Redis " toupper(substr(m, 1, 3)) (m ~ /pipelined/ ? " pipelined" : "")
+    cl_target(what " per CPU-s ≥ 1.5× " label[CL_N], m, CL_L, CL_N, 1.5, "per_cpu_s")
+    cl_target(what " per CPU-s ≥ 0.6× " label[CL_C], m, CL_L, CL_C, 0.6, "per_cpu_s")
+  }
+}
+
+function cl_target(what, m, s, base, want, k,    a, b) {
+  a = med(s, m, k); b = med(base, m, k)
+  if (a == "" || b == "" || b == 0) { row(what " | — | no data"); return }
+  target(what, sprintf("%.2f×", a / b), a / b >= want)
+}
+
+# bench/run web: static files beside nginx, WebSocket echo beside Node's ws.
+function web_report(    i, s, m, mi, base) {
+  print "# " title
+  print ""
+  print "- When: " when
+  print "- Machine: " machine
+  print "- Runs: " runs
+  print "- Figures: medians, with the min–max spread of the runs in brackets;"
+  print "  *server CPU %* is the server's CPU time (all threads, nginx's worker"
+  print "  included) over the measured window, 100 = one core."
+  missing_notes()
+  for (mi = 1; mi <= 3; mi++) {
+    m = (mi == 1 ? "4k" : mi == 2 ? "1m" : "ws")
+    if (!want[m]) continue
+    print ""
+    if (m == "ws") {
+      print "## WebSocket echo: " ws_conns " connections, " ws_size "-byte masked binary frames, one in flight each"
+      print ""
+      row("server | messages/s | × Node ws | server CPU % | wsgen CPU %")
+      row("--- | ---: | ---: | ---: | ---:")
+      base = "node-ws"
+    } else {
+      print "## static file, " (m == "4k" ? "4 KiB" : "1 MiB") " of random bytes: wrk -t1 -c" wrk_conns ", keep-alive"
+      print ""
+      row("server | requests/s | MiB/s | × nginx | p50 ms | p99 ms | server CPU % | wrk CPU %")
+      row("--- | ---: | ---: | ---: | ---: | ---: | ---: | ---:")
+      base = "nginx-static"
+    }
+    for (i = 1; i <= nserv; i++) {
+      s = sid[i]
+      if (m == "ws" && s == "nginx-static") continue
+      if (m != "ws" && s == "node-ws") continue
+      if (m == "ws")
+        row(label[s] failnote(s, m) " | " cell(s, m, "msgs_s", "%.0f") " | " ratio(s, m, "msgs_s", base) \
+            " | " plain(s, m, "srv_cpu", "%.0f") " | " plain(s, m, "lg_cpu", "%.0f"))
+      else
+        row(label[s] failnote(s, m) " | " cell(s, m, "rps", "%.0f") " | " plain(s, m, "mb_s", "%.0f") \
+            " | " ratio(s, m, "rps", base) " | " plain(s, m, "p50_ms", "%.2f") " | " plain(s, m, "p99_ms", "%.2f") \
+            " | " plain(s, m, "srv_cpu", "%.0f") " | " plain(s, m, "lg_cpu", "%.0f"))
+    }
+  }
+  print ""
+  print "## Targets"
+  print ""
+  row("target | luahost | status")
+  row("--- | ---: | ---")
+  if (want["4k"]) tgt_ratio("4 KiB file ≥ 0.7× nginx requests/s", "4k", "rps", "nginx-static", 0.7)
+  if (want["1m"]) tgt_ratio("1 MiB file ≥ 0.9× nginx requests/s", "1m", "rps", "nginx-static", 0.9)
+  if (want["ws"]) tgt_ratio("WebSocket echo ≥ 2× Node ws messages/s", "ws", "msgs_s", "node-ws", 2)
+}
+
 END {
   if (kind == "http") http_report()
   else if (kind == "tls") tls_report()
+  else if (kind == "clients") clients_report()
+  else if (kind == "web") web_report()
   else echo_report()
 }
