@@ -37,17 +37,17 @@ local pools = {}
 -- Closes the conns of list that have idled too long; keeps the order.
 local function sweep(list, t)
   local n, j = list.n, 0
-  local expires, at = list.expires, list.at
+  local expires = list.expires
   for i = 1, n do
     local c = list[i]
     if expires[i] > t then
       j = j + 1
-      list[j], expires[j], at[j] = c, expires[i], at[i]
+      list[j], expires[j] = c, expires[i]
     else
       close(c)
     end
   end
-  for i = j + 1, n do list[i], expires[i], at[i] = nil, nil, nil end
+  for i = j + 1, n do list[i], expires[i] = nil, nil end
   list.n = j
 end
 
@@ -65,15 +65,8 @@ function M.get(key)
     local c, e = list[n], expires[n]
     list[n], expires[n] = nil, nil
     n = n - 1
-    local at = list.at[n + 1]
-    list.at[n + 1] = nil
-    -- Put back at this same loop time (a keep-alive loop's next request,
-    -- within the millisecond), the conn is as put checked it: no second
-    -- system call (a peer's close in that window fails the request as one
-    -- just after the check would). Else ask the OS (a conn its owner
-    -- closed after putting it is dropped: pcall).
-    local ok, busy = true, false
-    if at ~= t then ok, busy = pcall(readable, c) end
+    -- (a conn its owner closed after putting it is dropped: pcall)
+    local ok, busy = pcall(readable, c)
     if e > t and ok and not busy then
       list.n = n
       return c
@@ -114,30 +107,27 @@ function M.put(key, conn, idle)
   local t = now()
   local list = pools[key]
   if not list then
-    list = { n = 0, expires = {}, at = {} }
+    list = { n = 0, expires = {} }
     pools[key] = list
   else
     sweep(list, t)
   end
   for i = 1, list.n do  -- put twice: once in the pool
     if list[i] == conn then
-      list.expires[i], list.at[i] = t + (idle or config.idle_timeout), t
+      list.expires[i] = t + (idle or config.idle_timeout)
       return true
     end
   end
   local max = config.max_idle
   if list.n >= max then  -- the oldest makes room
     local expires = list.expires
-    local at = list.at
     close(list[1])
-    for i = 1, list.n - 1 do
-      list[i], expires[i], at[i] = list[i + 1], expires[i + 1], at[i + 1]
-    end
-    list[list.n], expires[list.n], at[list.n] = nil, nil, nil
+    for i = 1, list.n - 1 do list[i], expires[i] = list[i + 1], expires[i + 1] end
+    list[list.n], expires[list.n] = nil, nil
     list.n = list.n - 1
   end
   local n = list.n + 1
-  list[n], list.expires[n], list.at[n] = conn, t + (idle or config.idle_timeout), t
+  list[n], list.expires[n] = conn, t + (idle or config.idle_timeout)
   list.n = n
   return true
 end
