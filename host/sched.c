@@ -843,11 +843,16 @@ static const char *keep_site(lua_State *L) {
   }  /* site sites */
   lua_pushvalue(L, -2);
   if (lua_rawget(L, -2) == LUA_TNIL) {  /* site sites nil */
+    lua_pop(L, 1);
+    lua_pushvalue(L, -2);
     lua_pushvalue(L, -3);
-    lua_pushboolean(L, 1);
-    lua_rawset(L, -4);
-  }
-  site = lua_tostring(L, -3);  /* anchored by the set from now on */
+    lua_rawset(L, -3);  /* sites[site] = site */
+    lua_pushvalue(L, -2);
+  }  /* site sites kept */
+  /* The set's own string: a long site ("/a/long/path/spec.lua:123", over
+     40 bytes) is not interned, so the one just made is another object,
+     which the collector would free under t->site. */
+  site = lua_tostring(L, -1);
   lua_pop(L, 3);
   return site;
 }
