@@ -20,24 +20,11 @@ local function octal(s) return tonumber(s, 8) end
 local dir
 local function path(name) return dir .. "/" .. name end
 
-local function spit(p, s)
-  local f = assert(io.open(p, "wb"))
-  f:write(s)
-  f:close()
-end
+local spit = helper.spit
 
-local function slurp(p)
-  local f = assert(io.open(p, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local slurp = helper.slurp
 
-local function sh(cmd)
-  local code, out, err = helper.run(cmd)
-  assert(code == 0, cmd .. ": " .. err)
-  return out
-end
+local sh = helper.sh
 
 local fifo_count = 0
 -- A new FIFO in dir; its path.

@@ -87,6 +87,27 @@ function helper.run(cmd)
 end
 
 -- Writes Lua source to a temporary script; returns its path.
+-- A file's whole content (raises if it cannot be read); writes one.
+function helper.slurp(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+function helper.spit(path, s)
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+end
+
+-- Runs a shell command that must succeed; its stdout.
+function helper.sh(cmd)
+  local code, out, err = helper.run(cmd)
+  assert(code == 0, cmd .. ": exit " .. tostring(code) .. ": " .. err)
+  return out
+end
+
 function helper.write_script(source)
   local path = os.tmpname() .. ".lua"
   local f = assert(io.open(path, "w"))

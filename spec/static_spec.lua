@@ -19,18 +19,9 @@ local MTIME = "2024-01-02 03:04:05 UTC"
 local MTIME_HTTP = "Tue, 02 Jan 2024 03:04:05 GMT"
 local GB = 1024 * 1024 * 1024
 
-local function write(path, data)
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
-end
+local write = helper.spit
 
-local function slurp(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local slurp = helper.slurp
 
 local BIG = {}
 for i = 1, 3000 do

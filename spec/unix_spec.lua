@@ -24,18 +24,9 @@ local function kind(path)
   return a and a.mode
 end
 
-local function slurp(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local slurp = helper.slurp
 
-local function spit(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-end
+local spit = helper.spit
 
 -- Waits one loop turn, after something that held the loop (a child run
 -- with io.popen, a long computation): the loop's clock is as of the

@@ -16,25 +16,11 @@ local KiB, MiB = 1024, 1024 * 1024
 local dir
 local function path(name) return dir .. "/" .. name end
 
-local function spit(p, s)
-  local f = assert(io.open(p, "wb"))
-  f:write(s)
-  f:close()
-end
+local spit = helper.spit
 
-local function slurp(p)
-  local f = assert(io.open(p, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local slurp = helper.slurp
 
--- Runs a shell command that must succeed; its stdout.
-local function sh(cmd)
-  local code, out, err = helper.run(cmd)
-  assert(code == 0, cmd .. ": exit " .. tostring(code) .. ": " .. err)
-  return out
-end
+local sh = helper.sh
 
 -- Runs Python code with arguments; its stdout.
 local function python(code, ...)
