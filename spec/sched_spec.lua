@@ -217,3 +217,31 @@ describe("so.sleep(0) and coroutine.yield", function()
     assert.is_true(longest <= 2, longest)
   end)
 end)
+
+describe("a task's spawn site", function()
+  it("lives as long as the task, however long its file's path", function()
+    -- Over 40 bytes, Lua does not intern a string: the host must keep the
+    -- one it stores, not a copy the collector may free.
+    local dir = os.tmpname()
+    os.remove(dir)
+    dir = dir .. "-" .. string.rep("d", 60)
+    assert(os.execute("mkdir " .. helper.shq(dir)))
+    local path = dir .. "/spawner.lua"
+    helper.spit(path, [[
+local so = require "so"
+local ts = {}
+for i = 1, 20 do ts[i] = so.spawn(function() so.sleep(0.2) end) end
+for i = 1, 20 do ts[i] = so.spawn(function() so.sleep(0.2) end) end
+for _ = 1, 5 do collectgarbage("collect"); local junk = {} ; for i = 1, 1000 do junk[i] = ("x"):rep(60) .. i end end
+local bad = 0
+for _, t in ipairs(so.tasks()) do
+  if t.id ~= 1 and not t.spawned:find("spawner.lua:%d+$") then bad = bad + 1 end
+end
+print(bad)
+]])
+    local code, out, err = helper.run(helper.luahost .. " " .. helper.shq(path))
+    os.execute("rm -rf " .. helper.shq(dir))
+    assert.equal(0, code, err)
+    assert.equal("0\n", out)
+  end)
+end)
