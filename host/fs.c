@@ -7,12 +7,25 @@
 ** waiting (a timeout of so.deadline, so.cancel) leaves its request to
 ** finish on its own: the callback then only cleans up (and closes what an
 ** abandoned open opened).
+**
+** fs.open_beneath is the one operation that is ours, not libuv's: it
+** resolves, opens, stats and (for a small file) reads in one trip to the
+** pool, where a static file server would otherwise make four or five;
+** each trip is two thread switches, which cost more than the disk work
+** for a file in the page cache.
 */
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#ifdef SYS_openat2
+#include <linux/openat2.h>
+#endif
 
 #include "luahost.h"
 
@@ -21,18 +34,30 @@
 /* Bytes one file:read returns at most, whatever it asks for. */
 #define MAXREAD (64 * 1024 * 1024)
 
-typedef struct lh_file {
-  uint64_t tag;   /* LH_TAG_FILE */
-  int fd;         /* -1 once closed */
-} lh_file;
+/* What fs.open_beneath does on the pool thread, and what it found. */
+typedef struct beneath {
+  char *dir, *path;  /* dir, then path, in this allocation */
+  int64_t slurp;     /* read a regular file of at most this size whole
+                        (-1: never) */
+  int fd;            /* the file opened, -1 for none (or closed, slurped) */
+  int err;           /* a libuv error, 0 for none */
+  uv_stat_t st;      /* its size, mtime, mode and inode */
+  char *data;        /* slurped: its bytes (st.st_size of them) */
+} beneath;
 
 typedef struct fs_req {
-  uv_fs_t req;
+  union {
+    uv_req_t any;              /* its type says which */
+    uv_fs_t req;               /* a uv_fs_* operation */
+    uv_work_t work;            /* open_beneath's, run by beneath_work */
+  };
   lh_task *task;               /* NULL once the task stopped waiting */
   int abandoned;               /* counted in lh_H.fs_abandoned */
   int (*push)(lua_State *L);   /* the results, from the request */
   char *buf;                   /* read: where the bytes land */
   int ref;                     /* write: the string written, anchored */
+  int flags;                   /* open: its flags */
+  beneath *b;                  /* open_beneath's */
 } fs_req;
 
 static lh_file *checkfile(lua_State *L, int arg) {
@@ -42,8 +67,18 @@ static lh_file *checkfile(lua_State *L, int arg) {
   return f;
 }
 
+static void beneath_free(beneath *b) {
+  if (b->fd >= 0)
+    close(b->fd);
+  free(b->data);
+  free(b);
+}
+
 static void req_free(fs_req *r) {
-  uv_fs_req_cleanup(&r->req);
+  if (r->any.type == UV_FS)
+    uv_fs_req_cleanup(&r->req);
+  else if (r->b != NULL)
+    beneath_free(r->b);
   free(r->buf);
   if (lh_H.L != NULL)
     luaL_unref(lh_H.L, LUA_REGISTRYINDEX, r->ref);
@@ -57,13 +92,19 @@ static int push_true(lua_State *L) {
   return 1;
 }
 
-static int push_file(lua_State *L) {
-  fs_req *r = lua_touserdata(L, 1);
+/* A new file for fd, -1 for one already closed. */
+static void newfile(lua_State *L, int fd, int readonly) {
   lh_file *f = lua_newuserdatauv(L, sizeof *f, 0);
   f->tag = LH_TAG_FILE;
-  f->fd = (int)r->req.result;
-  r->req.result = -1;  /* the userdata owns it now */
+  f->fd = fd;
+  f->readonly = readonly;
   luaL_setmetatable(L, FILE_TNAME);
+}
+
+static int push_file(lua_State *L) {
+  fs_req *r = lua_touserdata(L, 1);
+  newfile(L, (int)r->req.result, (r->flags & O_ACCMODE) == O_RDONLY);
+  r->req.result = -1;  /* the userdata owns it now */
   return 1;
 }
 
@@ -86,9 +127,7 @@ static const char *kind_of(uint64_t mode) {
   }
 }
 
-static int push_stat(lua_State *L) {
-  fs_req *r = lua_touserdata(L, 1);
-  const uv_stat_t *st = &r->req.statbuf;
+static void pushstat(lua_State *L, const uv_stat_t *st) {
   lua_createtable(L, 0, 6);
   lua_pushinteger(L, (lua_Integer)st->st_size);
   lua_setfield(L, -2, "size");
@@ -101,6 +140,11 @@ static int push_stat(lua_State *L) {
   lua_setfield(L, -2, "ino");
   lua_pushinteger(L, (lua_Integer)(st->st_mode & 07777));
   lua_setfield(L, -2, "perm");
+}
+
+static int push_stat(lua_State *L) {
+  fs_req *r = lua_touserdata(L, 1);
+  pushstat(L, &r->req.statbuf);
   return 1;
 }
 
@@ -158,7 +202,7 @@ static void cancel_fs(lh_task *t) {
 
 static void describe_fs(lh_task *t, char *buf, size_t size) {
   fs_req *r = t->wait.on;
-  const char *path = r->req.path;
+  const char *path = r->any.type == UV_FS ? r->req.path : r->b->path;
   snprintf(buf, size, "%s", path != NULL ? path : "");
 }
 
@@ -216,9 +260,251 @@ static int fs_open(lua_State *L) {
   luaL_argcheck(L, flags >= 0, 2, "invalid mode");
   luaL_argcheck(L, mode >= 0 && mode <= 07777, 3, "mode out of range");
   r = newreq(L, &t, "open", push_file);
+  r->flags = flags;
   return wait_fs(L, t, r, uv_fs_open(lh_H.loop, &r->req, path, flags,
                                      (int)mode, on_fs));
 }
+
+/* {======================================================
+** fs.open_beneath
+** ======================================================= */
+
+#define BENEATH_FLAGS (O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)
+
+/*
+** Opens b->path under b->dir through the real path of both: what the
+** kernel cannot refuse for us (openat2 missing, or an absolute link that
+** may still land inside dir). Returns the fd, or -1 with errno set.
+*/
+static int open_by_realpath(const beneath *b) {
+  char *full, *real = NULL, *root = NULL;
+  size_t n, dlen = strlen(b->dir);
+  int fd = -1;
+  full = malloc(dlen + strlen(b->path) + 2);
+  if (full == NULL) {
+    errno = ENOMEM;
+    return -1;
+  }
+  sprintf(full, "%s/%s", b->dir, b->path);
+  if ((real = realpath(full, NULL)) != NULL &&
+      (root = realpath(b->dir, NULL)) != NULL) {
+    n = strlen(root);
+    if (strncmp(real, root, n) == 0 &&
+        (real[n] == '\0' || real[n] == '/' || (n == 1 && root[0] == '/')))
+      fd = open(real, BENEATH_FLAGS);
+    else
+      errno = EXDEV;
+  }
+  free(full);
+  free(real);
+  free(root);
+  return fd;
+}
+
+#ifdef RESOLVE_CACHED
+/* Whether the kernel knows RESOLVE_CACHED (Linux 5.12). */
+static int resolve_cached = 1;
+#else
+#define RESOLVE_CACHED 0
+static const int resolve_cached = 0;
+#endif
+
+/*
+** Opens b->path under b->dir; -1 with errno set (EXDEV: outside). With
+** cached, only from the kernel's lookup cache: EAGAIN for anything that
+** needs the disk (or a realpath), as io_uring tries a request inline.
+*/
+static int open_beneath(const beneath *b, int cached) {
+#ifdef SYS_openat2
+  struct open_how how;
+  int dirfd, fd, e;
+  memset(&how, 0, sizeof how);
+  how.flags = O_PATH | O_DIRECTORY | O_CLOEXEC;
+  how.resolve = cached ? RESOLVE_CACHED : 0;
+  dirfd = (int)syscall(SYS_openat2, AT_FDCWD, b->dir, &how, sizeof how);
+  if (dirfd < 0) {
+    e = errno;
+    if (e == ENOSYS || e == EPERM || e == EINVAL)
+      goto fallback;
+    return -1;
+  }
+  how.flags = BENEATH_FLAGS;
+  how.resolve |= RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+  fd = (int)syscall(SYS_openat2, dirfd, b->path[0] ? b->path : ".", &how,
+                    sizeof how);
+  e = errno;
+  close(dirfd);
+  /* openat2 not there (an old kernel, a seccomp filter), or an absolute
+     link, which RESOLVE_BENEATH refuses even when it points inside. */
+  if (fd >= 0 || (e != ENOSYS && e != EPERM && e != EXDEV)) {
+    errno = e;
+    return fd;
+  }
+fallback:
+  if (cached && e == EINVAL)
+    resolve_cached = 0;  /* a kernel before 5.12 */
+#endif
+  if (cached) {
+    errno = EAGAIN;
+    return -1;
+  }
+  return open_by_realpath(b);
+}
+
+/* Reads b's file whole, into b->data; with cached, only from the page
+   cache (0: it is not all there). */
+static int slurp(beneath *b, int cached) {
+  size_t size = (size_t)b->st.st_size, got = 0;
+  ssize_t n;
+  struct iovec iov;
+  b->data = malloc(size > 0 ? size : 1);
+  if (b->data == NULL)
+    return !cached;  /* (then the caller reads it) */
+  while (got < size) {
+    iov.iov_base = b->data + got;
+    iov.iov_len = size - got;
+    n = preadv2(b->fd, &iov, 1, (off_t)got, cached ? RWF_NOWAIT : 0);
+    if (n > 0)
+      got += (size_t)n;
+    else if (n < 0 && errno == EINTR)
+      continue;
+    else if (cached && (n < 0 || got < size)) {
+      free(b->data);
+      b->data = NULL;
+      return 0;
+    } else
+      break;
+  }
+  b->st.st_size = got;  /* (a file that shrank meanwhile: what was there) */
+  close(b->fd);
+  b->fd = -1;
+  return 1;
+}
+
+/*
+** Opens, stats and, for a small file, reads b's file. 1 when done (with
+** b->err set on failure); with cached, 0 when the disk (or a realpath)
+** is needed: nothing was kept.
+*/
+static int beneath_run(beneath *b, int cached) {
+  struct stat st;
+  b->fd = open_beneath(b, cached);
+  if (b->fd < 0 && cached && errno == EAGAIN)
+    return 0;
+  if (b->fd < 0 || fstat(b->fd, &st) < 0) {
+    b->err = uv_translate_sys_error(errno);
+    return 1;
+  }
+  b->st.st_size = (uint64_t)st.st_size;
+  b->st.st_mode = (uint64_t)st.st_mode;
+  b->st.st_ino = (uint64_t)st.st_ino;
+  b->st.st_mtim.tv_sec = st.st_mtim.tv_sec;
+  b->st.st_mtim.tv_nsec = st.st_mtim.tv_nsec;
+  if (S_ISREG(st.st_mode) && (int64_t)st.st_size <= b->slurp &&
+      !slurp(b, cached)) {
+    close(b->fd);
+    b->fd = -1;
+    return 0;
+  }
+  return 1;
+}
+
+static void beneath_work(uv_work_t *w) {
+  beneath_run(((fs_req *)w)->b, 0);
+}
+
+static int push_beneath(lua_State *L) {
+  beneath *b = lua_touserdata(L, 1);
+  newfile(L, b->fd, 1);
+  b->fd = -1;  /* the userdata owns it now */
+  pushstat(L, &b->st);
+  if (b->data != NULL)
+    lua_pushlstring(L, b->data, (size_t)b->st.st_size);
+  else
+    lua_pushnil(L);
+  return 3;
+}
+
+static void on_beneath(uv_work_t *w, int status) {
+  fs_req *r = (fs_req *)w;
+  lh_task *t = r->task;
+  int n;
+  if (r->abandoned)
+    lh_H.fs_abandoned--;
+  if (t != NULL && lh_H.L != NULL) {
+    if (status < 0 || r->b->err < 0)
+      lh_resume_err(t, status < 0 ? status : r->b->err);
+    else if ((n = lh_pushprotected(t, push_beneath, r->b)) >= 0)
+      lh_resume(t, n);
+    else if (n == -1)
+      lh_resume_err(t, UV_ENOMEM);
+  }
+  req_free(r);  /* (closes what nobody took) */
+}
+
+/*
+** The results of a beneath done on the loop, or an error; b's memory
+** goes (the file's fd to the userdata), even when that raises.
+*/
+static int push_done(lua_State *L, beneath *b) {
+  int err = b->err, status;
+  if (err < 0)
+    return lh_pusherror(L, err);
+  lua_pushcfunction(L, push_beneath);
+  lua_pushlightuserdata(L, b);
+  status = lua_pcall(L, 1, 3, 0);
+  if (b->fd >= 0)
+    close(b->fd);
+  free(b->data);
+  if (status != LUA_OK)
+    return lua_error(L);
+  return 3;
+}
+
+/*
+** fs.open_beneath(dir, path [, slurp]) → file, stat, data: opens path,
+** relative to dir, for reading; fails with EXDEV when its resolution
+** (links included) leaves dir. A regular file of at most slurp bytes is
+** read whole into data and already closed. What the kernel has in memory
+** is done at once, on the loop; the rest in one trip to the pool.
+*/
+static int fs_open_beneath(lua_State *L) {
+  size_t dlen, plen;
+  const char *dir = luaL_checklstring(L, 1, &dlen);
+  const char *path = luaL_checklstring(L, 2, &plen);
+  lua_Integer n = luaL_optinteger(L, 3, -1);  /* -1: none */
+  lh_task *t;
+  fs_req *r;
+  beneath *b, quick;
+  luaL_argcheck(L, strlen(dir) == dlen, 1, "embedded zero");
+  luaL_argcheck(L, strlen(path) == plen, 2, "embedded zero");
+  luaL_argcheck(L, n <= MAXREAD, 3, "too large (64 MiB at most)");
+  t = lh_checktask_caller(L, "open_beneath");
+  memset(&quick, 0, sizeof quick);
+  quick.dir = (char *)dir;
+  quick.path = (char *)path;
+  quick.slurp = n < 0 ? -1 : (int64_t)n;
+  if (resolve_cached && beneath_run(&quick, 1))
+    return push_done(L, &quick);
+  r = newreq(L, &t, "open_beneath", push_beneath);
+  b = malloc(sizeof *b + dlen + plen + 2);
+  if (b == NULL) {
+    req_free(r);
+    return luaL_error(L, "not enough memory");
+  }
+  *b = quick;
+  r->any.type = UV_WORK;  /* (for req_free, before uv_queue_work) */
+  r->b = b;
+  b->dir = (char *)(b + 1);
+  memcpy(b->dir, dir, dlen + 1);
+  b->path = b->dir + dlen + 1;
+  memcpy(b->path, path, plen + 1);
+  return wait_fs(L, t, r, uv_queue_work(lh_H.loop, &r->work, beneath_work,
+                                        on_beneath));
+}
+
+/* }====================================================== */
+
 
 /* file:read(n [, offset]) → string, "" at the end */
 static int file_read(lua_State *L) {
@@ -270,13 +556,38 @@ static int file_stat(lua_State *L) {
   return wait_fs(L, t, r, uv_fs_fstat(lh_H.loop, &r->req, f->fd, on_fs));
 }
 
-/* file:close() → true; a closed file is closed again without error. */
+static void on_close_unwaited(uv_fs_t *req) {
+  uv_fs_req_cleanup(req);
+  free(req);
+}
+
+/* Closes fd on the pool, with nobody waiting (a quick close here when
+   there is no memory for the request). */
+static void close_unwaited(int fd) {
+  uv_fs_t *req = malloc(sizeof *req);
+  if (req == NULL || uv_fs_close(lh_H.loop, req, fd, on_close_unwaited) < 0) {
+    uv_fs_t c;
+    free(req);
+    uv_fs_close(NULL, &c, fd, NULL);
+    uv_fs_req_cleanup(&c);
+  }
+}
+
+/*
+** file:close() → true; a closed file is closed again without error. A
+** file opened for reading has nothing to write back, hence no error to
+** report and no disk to wait for: it is closed at once, as nginx does.
+*/
 static int file_close(lua_State *L) {
   lh_file *f = lh_checkobj(L, 1, LH_TAG_FILE, FILE_TNAME);
   int fd = f->fd;
   lh_task *t;
   fs_req *r;
-  if (fd < 0) {
+  if (fd >= 0 && f->readonly) {
+    f->fd = -1;
+    close(fd);
+  }
+  if (f->fd < 0) {
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -285,28 +596,16 @@ static int file_close(lua_State *L) {
   return wait_fs(L, t, r, uv_fs_close(lh_H.loop, &r->req, fd, on_fs));
 }
 
-static void on_gc_close(uv_fs_t *req) {
-  uv_fs_req_cleanup(req);
-  free(req);
-}
-
-/*
-** __gc and __close: closes without waiting (a finalizer cannot wait):
-** the close runs on the thread pool, nobody waits for it.
-*/
+/* __gc and __close: a finalizer cannot wait. */
 static int file_gc(lua_State *L) {
   lh_file *f = lua_touserdata(L, 1);
-  uv_fs_t *req;
   if (f == NULL || lua_rawlen(L, 1) != sizeof *f || f->tag != LH_TAG_FILE ||
       f->fd < 0)
     return 0;
-  req = malloc(sizeof *req);
-  if (req == NULL || uv_fs_close(lh_H.loop, req, f->fd, on_gc_close) < 0) {
-    uv_fs_t c;  /* no memory: close here, it is quick for a file */
-    free(req);
-    uv_fs_close(NULL, &c, f->fd, NULL);
-    uv_fs_req_cleanup(&c);
-  }
+  if (f->readonly)
+    close(f->fd);
+  else
+    close_unwaited(f->fd);
   f->fd = -1;
   return 0;
 }
@@ -378,6 +677,7 @@ static int fs_mkdir(lua_State *L) {
 
 static const luaL_Reg fs_funcs[] = {
   {"open", fs_open},
+  {"open_beneath", fs_open_beneath},
   {"stat", fs_stat},
   {"lstat", fs_lstat},
   {"readdir", fs_readdir},
@@ -385,6 +685,7 @@ static const luaL_Reg fs_funcs[] = {
   {"unlink", fs_unlink},
   {"rename", fs_rename},
   {"mkdir", fs_mkdir},
+  {"sendfile", lh_fs_sendfile},
   {NULL, NULL}
 };
 

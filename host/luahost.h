@@ -9,6 +9,7 @@
 ** Files depend on each other in one direction only:
 **   main.c -> supervisor.c (--workers), drain.c, tls.c (so.tls), fs.c
 **     (so.fs), zlib.c (so.zlib), so.c
+**   fs.c -> sendfile.c (fs.sendfile: a file to a conn)
 **   tls.c -> tlsctx.c, so.c (the conn class), stream.c
 **   so.c -> task.c, channel.c, stream.c, listener.c, log.c, worker.c
 **   stream.c, listener.c -> sock.c
@@ -220,6 +221,13 @@ typedef struct lh_sockref {
 
 #define LH_TASK_TNAME "task"
 
+/* A file of so.fs: a full userdata, metatable "file". */
+typedef struct lh_file {
+  uint64_t tag;   /* LH_TAG_FILE */
+  int fd;         /* -1 once closed */
+  int readonly;   /* opened for reading only: closes without waiting */
+} lh_file;
+
 /* The host: one loop, one Lua state. */
 typedef struct lh_host {
   uv_loop_t *loop;
@@ -314,6 +322,9 @@ const char *lh_unixpath(const char *host);
 int lh_unix_claim(const char *path);
 int lh_getaddrinfo(uv_getaddrinfo_t *req, uv_getaddrinfo_cb cb,
                    const char *host, int port, int flags);
+
+/* sendfile.c */
+int lh_fs_sendfile(lua_State *L);
 
 /* stream.c */
 void lh_stream_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
