@@ -6,6 +6,7 @@
 ]]
 
 local so = require "so"
+local fs = require "so.fs"
 local parse = require "so.http.parse"
 
 local find, lower, upper, format, gsub =
@@ -14,6 +15,8 @@ local type, next, tostring, tonumber, setmetatable, xpcall, pcall, error =
   type, next, tostring, tonumber, setmetatable, xpcall, pcall, error
 local traceback = debug.traceback
 local so_write = so.write
+local fs_sendfile = fs.sendfile
+local mathtype = math.type
 local TOKEN, BAD_VALUE = parse.TOKEN, parse.BAD_VALUE
 local CACHE_MAX, CACHE_LINE = parse.CACHE_MAX, parse.CACHE_LINE
 
@@ -286,6 +289,39 @@ local function source_of(b)
   return function() return b:read() end
 end
 
+local SPAN_CHUNK = 64 * 1024  -- bytes read at a time where sendfile can't
+
+--[[
+** Sends a span of a file ({file =, offset =, length =}, which a body
+** source called with true may give): by sendfile, or where the conn cannot
+** take it (a TLS conn: ENOTSUP; writes queued: EBUSY) read and written a
+** chunk at a time; head (a string or nil) goes first. true, or nil, err.
+]]
+local function send_span(conn, span, head)
+  local file, pos, left = span.file, span.offset, span.length
+  local ok, err, name = fs_sendfile(conn, file, pos, left, head)
+  if ok or (name ~= "ENOTSUP" and name ~= "EBUSY") then return ok, err end
+  if head and not so_write(conn, head) then return nil end
+  while left > 0 do
+    local data, rerr = file:read(left < SPAN_CHUNK and left or SPAN_CHUNK, pos)
+    if not data or data == "" then
+      return nil, rerr or "file shorter than the span"
+    end
+    local w, werr = so_write(conn, data)
+    if not w then return nil, werr end
+    pos, left = pos + #data, left - #data
+  end
+  return true
+end
+
+-- Why span is not a span a body source may give, or nil.
+local function bad_span(span)
+  if mathtype(span.offset) ~= "integer" or mathtype(span.length) ~= "integer"
+     or span.offset < 0 or span.length < 0 then
+    return "body source gave a table that is not a file span"
+  end
+end
+
 --[[
 ** The end of a response head: the connection's fate is decided when the
 ** head is written, from what was read of the request body by then.
@@ -399,17 +435,24 @@ local function respond(c, req, body, status, headers, rbody)
   local sent, want = 0, cl and tonumber(cl)
   local started = false
   while true do
-    local ok, chunk, err = xpcall(src, traceback)
-    local bad
+    local ok, chunk, err = xpcall(src, traceback, true)
+    local bad, n
+    local tc = type(chunk)
     if not ok then
       bad = chunk
     elseif chunk == nil then
       if err ~= nil then bad = err else break end
-    elseif type(chunk) ~= "string" then
-      bad = "body source gave a " .. type(chunk)
+    elseif tc == "table" then
+      bad = bad_span(chunk)
+      n = chunk.length
+    elseif tc ~= "string" then
+      bad = "body source gave a " .. tc
     elseif chunk == "" then
       break
-    elseif want and sent + #chunk > want then
+    else
+      n = #chunk
+    end
+    if not bad and want and sent + n > want then
       bad = "body longer than its Content-Length"
     end
     if bad then
@@ -419,19 +462,27 @@ local function respond(c, req, body, status, headers, rbody)
       if not started then return false, body.status or 500 end
       return nil
     end
-    sent = sent + #chunk
-    local w
-    if not started then
-      started = true
-      head = head .. head_end(c, body, close)
-      if chunked then w = so_write(conn, { head, chunk_size(chunk), chunk, "\r\n" })
-      else w = so_write(conn, { head, chunk }) end
-    elseif chunked then
-      w = so_write(conn, { chunk_size(chunk), chunk, "\r\n" })
-    else
-      w = so_write(conn, chunk)
+    if n > 0 then
+      sent = sent + n
+      local w, pre = nil, ""
+      if not started then
+        started = true
+        head = head .. head_end(c, body, close)
+        pre = head
+      end
+      if tc == "table" then  -- a file span, with what goes before it
+        if chunked then pre = pre .. format("%x\r\n", n) end
+        w = send_span(conn, chunk, pre ~= "" and pre or nil)
+        if w and chunked then w = so_write(conn, "\r\n") end
+      elseif chunked then
+        w = so_write(conn, { pre, chunk_size(chunk), chunk, "\r\n" })
+      elseif pre ~= "" then
+        w = so_write(conn, { pre, chunk })
+      else
+        w = so_write(conn, chunk)
+      end
+      if not w then return nil end
     end
-    if not w then return nil end
   end
   if want and sent ~= want then
     log_error(o, "response body failed", "body shorter than its Content-Length")

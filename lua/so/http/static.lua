@@ -2,13 +2,14 @@
 ** so.http.static: http.static(dir [, opts]), a handler serving the files
 ** under dir, as nginx's static module does: Content-Type by extension,
 ** index.html for a directory, conditional requests (ETag, Last-Modified),
-** byte ranges (RFC 9110 §14), files read in chunks as the socket takes
-** them, never whole.
+** byte ranges (RFC 9110 §14). A small file is read whole when opened; a
+** larger one goes by sendfile on a plain conn, else in chunks as the
+** socket takes them, never whole.
 **
 ** Nothing outside dir is reachable: the path is decoded once and refused
 ** (403) when it holds an encoded "/", a NUL, a backslash, bytes that are
 ** not UTF-8 (overlong forms of "." included) or a "." or ".." segment;
-** and the file's real path (links resolved) must lie under dir's.
+** and fs.open_beneath refuses a path whose links lead outside dir.
 ]]
 
 local so = require "so"
@@ -25,6 +26,8 @@ local utf8len = utf8.len
 local M = {}
 
 local CHUNK = 64 * 1024   -- bytes read from the file at a time
+local SLURP = 64 * 1024   -- a file up to this size is read whole at open
+local SPAN = 16 * 1024 * 1024  -- at most, in one sendfile (one timeout)
 local MAX_RANGES = 16     -- more in one request: the whole file (as nginx)
 
 local TEXT = { ["Content-Type"] = "text/plain; charset=utf-8" }
@@ -58,11 +61,6 @@ local function safe_path(path)
     segs[#segs + 1] = seg
   end
   return concat(segs, "/")
-end
-
--- Whether real (a real path) is root itself or under it.
-local function under(real, root)
-  return real == root or sub(real, 1, #root + 1) == root .. "/"
 end
 
 -- }======================================================
@@ -107,8 +105,19 @@ local function parse_date(s)
                 tonumber(mm), tonumber(ss))
 end
 
+--[[
+** An HTTP date, remembered: glibc's strftime reads /etc/localtime again
+** at every call (seven system calls), and files share a few mtimes.
+]]
+local dates, ndates = {}, 0
 local function http_date(t)
-  return os.date("!%a, %d %b %Y %H:%M:%S GMT", t)
+  local s = dates[t]
+  if not s then
+    if ndates >= 1024 then dates, ndates = {}, 0 end
+    s = os.date("!%a, %d %b %Y %H:%M:%S GMT", t)
+    dates[t], ndates = s, ndates + 1
+  end
+  return s
 end
 
 -- A strong validator from the size and the modification time.
@@ -174,18 +183,19 @@ end
 
 
 --[[
-** A body source for the items of path: strings (multipart's part heads)
-** are sent as they are, {first, last} ranges are read from the file one
-** chunk at a time, as the socket takes them. The file opens when first
-** needed and closes after the last item.
+** A body source for the items of an open file: strings (multipart's part
+** heads) are sent as they are, {first, last} ranges as spans of the file
+** for sendfile when the caller takes them (so.http's response does, on
+** a plain conn), else read one chunk at a time as the socket takes them.
+** The file closes after the last item.
 ]]
-local function file_source(path, items)
-  local file, i, pos = nil, 1, nil
-  return function()
+local function file_source(file, items)
+  local i, pos = 1, nil
+  return function(spans)
     while true do
       local item = items[i]
       if item == nil then
-        if file then file:close(); file = nil end
+        file:close()
         return nil
       end
       if type(item) == "string" then
@@ -196,16 +206,16 @@ local function file_source(path, items)
       if pos > item[2] then
         i, pos = i + 1, nil
       else
-        if not file then
-          local err, name
-          file, err, name = fs.open(path)
-          if not file then return nil, err, name end
-        end
         local n = item[2] - pos + 1
+        if spans then
+          if n > SPAN then n = SPAN end
+          local span = { file = file, offset = pos, length = n }
+          pos = pos + n
+          return span
+        end
         local data, err, name = file:read(n < CHUNK and n or CHUNK, pos)
         if not data or data == "" then  -- (the file shrank meanwhile)
           file:close()
-          file = nil
           return nil, err or "file shorter than its size", name
         end
         pos = pos + #data
@@ -213,6 +223,19 @@ local function file_source(path, items)
       end
     end
   end
+end
+
+--[[
+** The body of the items when the file was read whole into data: one
+** string, or its pieces for multipart.
+]]
+local function data_body(data, items)
+  local out = {}
+  for k, item in ipairs(items) do
+    out[k] = type(item) == "string" and item
+             or sub(data, item[1] + 1, item[2] + 1)
+  end
+  return concat(out)
 end
 
 local function boundary()
@@ -235,10 +258,9 @@ function M.static(dir, opts)
   for k, v in pairs(opts.types or {}) do types[lower(k)] = v end
   local index = opts.index or "index.html"
   local cache_control = opts.cache_control
-  local root  -- dir's real path, found at the first request
 
-  local function headers_for(real, st)
-    local ext = lower(match(real, "%.([^./]+)$") or "")
+  local function headers_for(name, st)
+    local ext = lower(match(name, "%.([^./]+)$") or "")
     local h = {
       ["Content-Type"] = types[ext] or types.default,
       ["ETag"] = etag_of(st),
@@ -249,31 +271,33 @@ function M.static(dir, opts)
     return h
   end
 
-  -- The file to serve: real path, stat; or nil, status.
+  -- The status for a failed open_beneath.
+  local function refused(name)
+    return (name == "ENOENT" or name == "ENOTDIR") and 404 or 403
+  end
+
+  --[[
+  ** The file to serve: its name (for the type), the open file (closed
+  ** when read whole), stat, data (the contents, for a small file); or nil,
+  ** status.
+  ]]
   local function find_file(path)
-    if not root then
-      local r, err = fs.realpath(dir)
-      if not r then return nil, 500, err end
-      root = r
-    end
     local rel, status = safe_path(path)
     if not rel then return nil, status end
-    local real, err, name = fs.realpath(rel == "" and root or root .. "/" .. rel)
-    if not real then
-      return nil, (name == "ENOENT" or name == "ENOTDIR") and 404 or 403
-    end
-    if not under(real, root) then return nil, 403 end
-    local st = fs.stat(real)
-    if not st then return nil, 404 end
+    local file, st, data = fs.open_beneath(dir, rel, SLURP)
+    if not file then return nil, refused(data) end
     if st.mode == "directory" then
+      file:close()
       if sub(path, -1) ~= "/" then return nil, 301 end
-      real = fs.realpath(real .. "/" .. index)
-      if not real or not under(real, root) then return nil, 404 end
-      st = fs.stat(real)
-      if not st then return nil, 404 end
+      rel = rel == "" and index or rel .. "/" .. index
+      file, st, data = fs.open_beneath(dir, rel, SLURP)
+      if not file then return nil, 404 end
     end
-    if st.mode ~= "file" then return nil, 403 end
-    return real, st
+    if st.mode ~= "file" then
+      file:close()
+      return nil, 403
+    end
+    return rel, file, st, data
   end
 
   return function(req)
@@ -283,19 +307,21 @@ function M.static(dir, opts)
                headers = { ["Allow"] = "GET, HEAD",
                            ["Content-Type"] = TEXT["Content-Type"] } }
     end
-    local real, st = find_file(req.path)
-    if not real then
-      if st == 301 then
+    local name, file, st, data = find_file(req.path)
+    if not name then
+      local status = file
+      if status == 301 then
         local loc = req.path .. "/" .. (req.query and "?" .. req.query or "")
         return { status = 301, body = "moved\n",
                  headers = { ["Location"] = loc,
                              ["Content-Type"] = TEXT["Content-Type"] } }
       end
-      local text = st == 404 and "not found\n" or st == 403 and "forbidden\n"
-                   or st == 400 and "bad request\n" or "error\n"
-      return status_only(st, text)
+      local text = status == 404 and "not found\n"
+                   or status == 403 and "forbidden\n"
+                   or status == 400 and "bad request\n" or "error\n"
+      return status_only(status, text)
     end
-    local headers = headers_for(real, st)
+    local headers = headers_for(name, st)
     local etag, rh = headers.ETag, req.headers
     -- Conditional requests (RFC 9110 §13.2.2): If-None-Match wins.
     local inm = rh["if-none-match"]
@@ -307,6 +333,7 @@ function M.static(dir, opts)
       not_modified = ims ~= nil and floor(st.mtime) <= ims
     end
     if not_modified then
+      file:close()
       headers["Content-Type"], headers["Accept-Ranges"] = nil, nil
       return { status = 304, headers = headers }
     end
@@ -323,21 +350,27 @@ function M.static(dir, opts)
       if fresh then ranges = parse_ranges(range, size) end
     end
     if ranges == "unsatisfiable" then
+      file:close()
       return { status = 416, body = "range not satisfiable\n",
                headers = { ["Content-Range"] = "bytes */" .. size,
                            ["Content-Type"] = TEXT["Content-Type"] } }
     end
+    -- The body of items: from data, or the file (none for HEAD).
+    local function body_of(items)
+      if data then return data_body(data, items) end
+      if method == "HEAD" then file:close(); return nil end
+      return file_source(file, items)
+    end
     if not ranges then
       headers["Content-Length"] = size
       return { status = 200, headers = headers,
-               body = file_source(real, { { 0, size - 1 } }) }
+               body = data or body_of({ { 0, size - 1 } }) }
     end
     if #ranges == 1 then
       local r = ranges[1]
       headers["Content-Range"] = format("bytes %d-%d/%d", r[1], r[2], size)
       headers["Content-Length"] = r[2] - r[1] + 1
-      return { status = 206, headers = headers,
-               body = file_source(real, { r }) }
+      return { status = 206, headers = headers, body = body_of({ r }) }
     end
     -- Several: multipart/byteranges, its length known in advance.
     local b = boundary()
@@ -357,7 +390,7 @@ function M.static(dir, opts)
     total = total + #closing
     headers["Content-Type"] = "multipart/byteranges; boundary=" .. b
     headers["Content-Length"] = total
-    return { status = 206, headers = headers, body = file_source(real, items) }
+    return { status = 206, headers = headers, body = body_of(items) }
   end
 end
 
