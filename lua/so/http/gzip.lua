@@ -70,13 +70,12 @@ end
 ** The response to send for (req, status, headers, body) under options o:
 ** the same headers and body, or compressed ones. headers is copied, never
 ** changed, when it changes. `source_of` turns a body (function or reader)
-** into a function.
+** into a function. A HEAD gets the headers its GET would get: a string
+** body is compressed for its length, a source is wrapped, never called.
 ]]
 function M.apply(req, status, headers, body, o, source_of)
   local min = o.gzip_min
-  if not min or status ~= 200 or req.method == "HEAD" then
-    return headers, body
-  end
+  if not min or status ~= 200 then return headers, body end
   headers = headers or {}
   local _, ctype = header(headers, "content-type")
   if not compressible(ctype) then return headers, body end

@@ -360,7 +360,7 @@ local function respond(c, req, body, status, headers, rbody)
     return false, 500
   end
   local gzip_min = o.gzip_min
-  if gzip_min and status == 200 and rbody ~= nil and c.method ~= "HEAD"
+  if gzip_min and status == 200 and rbody ~= nil
      and not (type(rbody) == "string" and #rbody < gzip_min) then
     headers, rbody = gzip_apply(req, status, headers, rbody, o, source_of)
   end

@@ -125,13 +125,17 @@ local function etag_of(st)
   return format('"%x-%x"', floor(st.mtime * 1e6), st.size)
 end
 
--- Whether an If-None-Match list holds etag (weak comparison, §13.1.2).
+--[[
+** Whether an If-None-Match list holds etag (weak comparison, §13.1.2):
+** false, or the tag matched, which may be the gzip coding's (see
+** so.http.gzip): a 304 carries the validator of what the client has.
+]]
 local function none_match(list, etag)
-  if match(list, "^%s*%*%s*$") then return true end
+  if match(list, "^%s*%*%s*$") then return etag end
   local opaque = sub(etag, 2, -2)
   for tag in gmatch(list, '"([^"]*)"') do
-    -- (the gzip coding's ETag names the same file: see so.http.gzip)
-    if tag == opaque or tag == opaque .. "-gzip" then return true end
+    if tag == opaque then return etag end
+    if tag == opaque .. "-gzip" then return '"' .. tag .. '"' end
   end
   return false
 end
@@ -335,6 +339,10 @@ function M.static(dir, opts)
     if not_modified then
       file:close()
       headers["Content-Type"], headers["Accept-Ranges"] = nil, nil
+      if not_modified ~= true and not_modified ~= etag then
+        headers.ETag = not_modified  -- the gzip coding's: it varies
+        headers.Vary = "Accept-Encoding"
+      end
       return { status = 304, headers = headers }
     end
     local size = st.size
@@ -355,10 +363,11 @@ function M.static(dir, opts)
                headers = { ["Content-Range"] = "bytes */" .. size,
                            ["Content-Type"] = TEXT["Content-Type"] } }
     end
-    -- The body of items: from data, or the file (none for HEAD).
+    -- The body of items: from data, or the file (for HEAD, a source that
+    -- is never called, for its length; so.http.gzip may take it).
     local function body_of(items)
       if data then return data_body(data, items) end
-      if method == "HEAD" then file:close(); return nil end
+      if method == "HEAD" then file:close(); return function() end end
       return file_source(file, items)
     end
     if not ranges then
