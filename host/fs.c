@@ -37,6 +37,7 @@
 /* What fs.open_beneath does on the pool thread, and what it found. */
 typedef struct beneath {
   char *dir, *path;  /* dir, then path, in this allocation */
+  int dirfd;         /* dir's descriptor (a dup on the pool), -1: by path */
   int64_t slurp;     /* read a regular file of at most this size whole
                         (-1: never) */
   int fd;            /* the file opened, -1 for none (or closed, slurped) */
@@ -70,6 +71,8 @@ static lh_file *checkfile(lua_State *L, int arg) {
 static void beneath_free(beneath *b) {
   if (b->fd >= 0)
     close(b->fd);
+  if (b->dirfd >= 0)
+    close(b->dirfd);
   free(b->data);
   free(b);
 }
@@ -317,11 +320,12 @@ static const int resolve_cached = 0;
 static int open_beneath(const beneath *b, int cached) {
 #ifdef SYS_openat2
   struct open_how how;
-  int dirfd, fd, e;
+  int dirfd = b->dirfd, fd, e;
   memset(&how, 0, sizeof how);
   how.flags = O_PATH | O_DIRECTORY | O_CLOEXEC;
   how.resolve = cached ? RESOLVE_CACHED : 0;
-  dirfd = (int)syscall(SYS_openat2, AT_FDCWD, b->dir, &how, sizeof how);
+  if (dirfd < 0)
+    dirfd = (int)syscall(SYS_openat2, AT_FDCWD, b->dir, &how, sizeof how);
   if (dirfd < 0) {
     e = errno;
     if (e == ENOSYS || e == EPERM || e == EINVAL)
@@ -333,7 +337,8 @@ static int open_beneath(const beneath *b, int cached) {
   fd = (int)syscall(SYS_openat2, dirfd, b->path[0] ? b->path : ".", &how,
                     sizeof how);
   e = errno;
-  close(dirfd);
+  if (b->dirfd < 0)
+    close(dirfd);
   /* openat2 not there (an old kernel, a seccomp filter), or an absolute
      link, which RESOLVE_BENEATH refuses even when it points inside. */
   if (fd >= 0 || (e != ENOSYS && e != EPERM && e != EXDEV)) {
@@ -463,38 +468,62 @@ static int push_done(lua_State *L, beneath *b) {
 
 /*
 ** fs.open_beneath(dir, path [, slurp]) → file, stat, data: opens path,
-** relative to dir, for reading; fails with EXDEV when its resolution
-** (links included) leaves dir. A regular file of at most slurp bytes is
-** read whole into data and already closed. What the kernel has in memory
-** is done at once, on the loop; the rest in one trip to the pool.
+** relative to dir (a path, or a file open on a directory), for reading;
+** fails with EXDEV when its resolution (links included) leaves dir. A
+** regular file of at most slurp bytes is read whole into data and already
+** closed. What the kernel has in memory is done at once, on the loop;
+** the rest in one trip to the pool.
 */
 static int fs_open_beneath(lua_State *L) {
   size_t dlen, plen;
-  const char *dir = luaL_checklstring(L, 1, &dlen);
-  const char *path = luaL_checklstring(L, 2, &plen);
+  char procdir[32];
+  lh_file *df = NULL;
+  const char *dir, *path = luaL_checklstring(L, 2, &plen);
   lua_Integer n = luaL_optinteger(L, 3, -1);  /* -1: none */
   lh_task *t;
   fs_req *r;
   beneath *b, quick;
-  luaL_argcheck(L, strlen(dir) == dlen, 1, "embedded zero");
+  if (lua_type(L, 1) == LUA_TSTRING) {
+    dir = lua_tolstring(L, 1, &dlen);
+    luaL_argcheck(L, strlen(dir) == dlen, 1, "embedded zero");
+  } else {
+    if (lua_type(L, 1) != LUA_TUSERDATA)
+      luaL_typeerror(L, 1, "string or file");
+    df = lh_checkobj(L, 1, LH_TAG_FILE, FILE_TNAME);
+    luaL_argcheck(L, df->fd >= 0, 1, "attempt to use a closed file");
+    dlen = (size_t)snprintf(procdir, sizeof procdir, "/proc/self/fd/%d",
+                            df->fd);
+    dir = procdir;  /* (for a real path, and so.tasks) */
+  }
   luaL_argcheck(L, strlen(path) == plen, 2, "embedded zero");
   luaL_argcheck(L, n <= MAXREAD, 3, "too large (64 MiB at most)");
   t = lh_checktask_caller(L, "open_beneath");
   memset(&quick, 0, sizeof quick);
   quick.dir = (char *)dir;
+  quick.dirfd = df != NULL ? df->fd : -1;
   quick.path = (char *)path;
   quick.slurp = n < 0 ? -1 : (int64_t)n;
   if (resolve_cached && beneath_run(&quick, 1))
     return push_done(L, &quick);
   r = newreq(L, &t, "open_beneath", push_beneath);
-  b = malloc(sizeof *b + dlen + plen + 2);
+  b = malloc(sizeof *b + sizeof procdir + dlen + plen + 2);
   if (b == NULL) {
     req_free(r);
     return luaL_error(L, "not enough memory");
   }
   *b = quick;
+  b->dirfd = -1;
   r->any.type = UV_WORK;  /* (for req_free, before uv_queue_work) */
   r->b = b;
+  /* The pool's own descriptor of dir: a file closed meanwhile cannot hand
+     its number to another file under the pool thread's feet. */
+  if (df != NULL) {
+    b->dirfd = fcntl(df->fd, F_DUPFD_CLOEXEC, 0);
+    if (b->dirfd < 0)
+      return wait_fs(L, t, r, uv_translate_sys_error(errno));
+    dlen = (size_t)snprintf(procdir, sizeof procdir, "/proc/self/fd/%d",
+                            b->dirfd);
+  }
   b->dir = (char *)(b + 1);
   memcpy(b->dir, dir, dlen + 1);
   b->path = b->dir + dlen + 1;

@@ -28,6 +28,7 @@ local M = {}
 local CHUNK = 64 * 1024   -- bytes read from the file at a time
 local SLURP = 64 * 1024   -- a file up to this size is read whole at open
 local SPAN = 16 * 1024 * 1024  -- at most, in one sendfile (one timeout)
+local ROOT_TTL = 1        -- seconds the root directory stays open
 local MAX_RANGES = 16     -- more in one request: the whole file (as nginx)
 
 local TEXT = { ["Content-Type"] = "text/plain; charset=utf-8" }
@@ -46,6 +47,13 @@ local function hexchar(h) return char(tonumber(h, 16)) end
 ** a path that must not be served.
 ]]
 local function safe_path(path)
+  -- The common case, in four scans: unreserved characters and "/" only,
+  -- no empty, "." or ".." segment. It is its own answer.
+  if not find(path, "[^A-Za-z0-9/._~-]") and sub(path, 1, 1) == "/"
+     and not find(path, "//", 1, true) and not find(path, "/%.%.?/")
+     and not find(path, "/%.%.?$") then
+    return match(path, "^/(.-)/?$")
+  end
   if find(path, "[%z\\]") then return nil, 403 end
   if find(path, "%%%X") or find(path, "%%%x%X") or find(path, "%%%x?$") then
     return nil, 400
@@ -275,6 +283,27 @@ function M.static(dir, opts)
     return h
   end
 
+  --[[
+  ** dir, open: files are opened relative to it, which saves resolving dir
+  ** again for every request (two system calls of the six). It is opened
+  ** again after ROOT_TTL seconds, so that a dir replaced by a deploy
+  ** (renamed over, or a link switched) is served within that time; dir as
+  ** a path while it cannot be opened (the error is then open_beneath's).
+  ]]
+  local root, root_at
+  local function root_file()
+    local now = so.now()
+    if root and now - root_at < ROOT_TTL then return root end
+    local f = fs.open(dir)
+    if root and root_at >= now then  -- another request opened it meanwhile
+      if f then f:close() end
+      return root
+    end
+    if root then root:close() end
+    root, root_at = f, now
+    return f or dir
+  end
+
   -- The status for a failed open_beneath.
   local function refused(name)
     return (name == "ENOENT" or name == "ENOTDIR") and 404 or 403
@@ -288,13 +317,13 @@ function M.static(dir, opts)
   local function find_file(path)
     local rel, status = safe_path(path)
     if not rel then return nil, status end
-    local file, st, data = fs.open_beneath(dir, rel, SLURP)
+    local file, st, data = fs.open_beneath(root_file(), rel, SLURP)
     if not file then return nil, refused(data) end
     if st.mode == "directory" then
       file:close()
       if sub(path, -1) ~= "/" then return nil, 301 end
       rel = rel == "" and index or rel .. "/" .. index
-      file, st, data = fs.open_beneath(dir, rel, SLURP)
+      file, st, data = fs.open_beneath(root_file(), rel, SLURP)
       if not file then return nil, 404 end
     end
     if st.mode ~= "file" then
