@@ -19,8 +19,10 @@
 ** payload is (un)masked eight bytes at a time by functions generated once
 ** (string.unpack of up to 64 little-endian 64-bit words, XOR with the key
 ** repeated twice, string.pack), text is checked with utf8.len (C), and a
-** frame leaves in one so.write (header and payload joined when small, as
-** an array when large).
+** frame leaves in one so.write (header and payload as a two-string array,
+** one writev: no concatenation). The usual frame of a server (short,
+** masked, whole in the buffer, text or binary) takes a short cut: its key
+** and payload come out of one unpack.
 **
 ** Input is one string `buf` plus an offset `pos`; a frame is consumed only
 ** once it is whole, so a receive that times out leaves everything in place
@@ -127,7 +129,8 @@ end
 --[[
 ** XOR[w](s, p, k): the 8*w bytes of s at p, XORed with k (the key twice, as
 ** a little-endian 64-bit integer). Generated: one unpack into locals, one
-** pack; no table, no loop.
+** pack; no table, no loop. ("j", a lua_Integer, spares the format parser
+** the digits of "i8".)
 ]]
 local XOR = {}
 for w = 1, 64 do
@@ -137,7 +140,7 @@ for w = 1, 64 do
     xs[i] = "a" .. i .. "~k"
   end
   XOR[w] = load("local unpack, pack = ...\n"
-    .. "local F = '<" .. rep("i8", w) .. "'\n"
+    .. "local F = '<" .. rep("j", w) .. "'\n"
     .. "return function(s, p, k)\n"
     .. "  local " .. concat(vars, ",") .. " = unpack(F, s, p)\n"
     .. "  return pack(F, " .. concat(xs, ",") .. ")\n"
@@ -150,6 +153,38 @@ for t = 1, 7 do
   TAILF[t] = "<I" .. t
   TAILM[t] = (1 << (8 * t)) - 1
 end
+
+--[[
+** UNMASK[len](s, p): the payload of a short masked frame (len < 126), its
+** key at p and its len bytes right after, unmasked. One unpack takes the
+** key, the words and the tail together, one pack gives the payload: the
+** whole of a small frame's unmasking in two C calls. Generated when a
+** length first occurs (at most 126 of them).
+]]
+local UNMASK = setmetatable({ [0] = function() return "" end }, {
+  __index = function(t, len)
+    local w, tl = len >> 3, len & 7
+    local vars, xs = { "k" }, {}
+    for i = 1, w do
+      vars[i + 1] = "a" .. i
+      xs[i] = "a" .. i .. "~k"
+    end
+    local fin, fout = "<I4" .. rep("j", w), "<" .. rep("j", w)
+    if tl > 0 then
+      vars[w + 2] = "b"
+      xs[w + 1] = "b~(k&" .. TAILM[tl] .. ")"
+      fin, fout = fin .. "I" .. tl, fout .. "I" .. tl
+    end
+    local f = load("local unpack, pack = ...\n"
+      .. "return function(s, p)\n"
+      .. "  local " .. concat(vars, ",") .. " = unpack('" .. fin .. "', s, p)\n"
+      .. "  k = k | (k << 32)\n"
+      .. "  return pack('" .. fout .. "', " .. concat(xs, ",") .. ")\n"
+      .. "end", "=(websocket unmask " .. len .. ")")(sunpack, spack)
+    t[len] = f
+    return f
+  end,
+})
 
 -- len bytes of s from p, XORed with the 64-bit key k.
 local function mask(s, p, len, k)
@@ -233,7 +268,6 @@ for _, b1 in ipairs { 0x81, 0x82, 0x88, 0x89, 0x8A } do
   SHORT[b1] = t
 end
 
-local JOIN = 4096  -- payloads up to this are joined to their header
 
 local Sock = {}
 Sock.__index = Sock
@@ -443,6 +477,25 @@ local function recv(self)
       n = #buf - pos + 1
     end
     local b1, b2 = byte(buf, pos, pos + 1)
+    -- The usual frame, handled first: on a server, a whole final text or
+    -- binary frame, masked, shorter than 126 bytes, outside a fragmented
+    -- message and within max_message. Everything else (and a frame that is
+    -- not whole yet) takes the general path below, which checks it all.
+    if b2 >= 0x80 and b2 < 0xFE and (b1 == 0x82 or b1 == 0x81)
+       and self.server and not self.frag_kind then
+      local len = b2 - 0x80
+      local total = len + 6
+      if n >= total and len <= self.max_message then
+        local data = UNMASK[len](buf, pos + 2)
+        self.pos = pos + total
+        if b1 == 0x82 then return data, "binary" end
+        if not utf8len(data) then
+          return fail(self, 1007, "text message is not UTF-8")
+        end
+        self.text_ok = data
+        return data, "text"
+      end
+    end
     local len = b2 & 0x7f
     local masked = b2 >= 0x80
     local hl = len < 126 and 2 or (len == 126 and 4 or 10)
@@ -576,14 +629,14 @@ function Sock:send(data, kind)
     data = tostring(data)
   end
   local b1
-  if kind == nil or kind == "text" then
+  if kind == "binary" then
+    b1 = 0x82
+  elseif kind == nil or kind == "text" then
     if data ~= self.text_ok and not utf8len(data) then
       error("bad argument #1 to 'send' (text is not UTF-8; send it as "
             .. "\"binary\")", 2)
     end
     b1 = 0x81
-  elseif kind == "binary" then
-    b1 = 0x82
   else
     error("bad argument #2 to 'send' (\"text\" or \"binary\" expected)", 2)
   end
