@@ -11,8 +11,9 @@ local parse = require "so.http.parse"
 
 local find, lower, upper, format, gsub =
   string.find, string.lower, string.upper, string.format, string.gsub
-local type, next, tostring, tonumber, setmetatable, xpcall, pcall, error =
-  type, next, tostring, tonumber, setmetatable, xpcall, pcall, error
+local type, next, tostring, tonumber, setmetatable, getmetatable, xpcall,
+  pcall, error = type, next, tostring, tonumber, setmetatable, getmetatable,
+  xpcall, pcall, error
 local traceback = debug.traceback
 local so_write = so.write
 local fs_sendfile = fs.sendfile
@@ -283,9 +284,27 @@ local function has_read(b)
   if not b.read then error("no read method") end
 end
 
+-- Whether b is called as a function (a table or userdata with __call).
+local function callable(b)
+  local mt = getmetatable(b)
+  return type(mt) == "table" and mt.__call ~= nil
+end
+
+--[[
+** What to close when the response ends, sent or cut: a callable body with
+** __close (http.static's file source: its file goes at once, not when the
+** collector finds it), else nil.
+]]
+local function closer(b)
+  local t = type(b)
+  if t ~= "table" and t ~= "userdata" then return nil end
+  local mt = getmetatable(b)
+  return type(mt) == "table" and mt.__call and mt.__close and b or nil
+end
+
 -- Call a body source: a function, or an object with a read method.
 local function source_of(b)
-  if type(b) == "function" then return b end
+  if type(b) == "function" or callable(b) then return b end
   return function() return b:read() end
 end
 
@@ -351,6 +370,7 @@ local gzip_apply = require("so.http.gzip").apply
 
 local function respond(c, req, body, status, headers, rbody)
   local conn, o = c.conn, c.o
+  local _ <close> = closer(rbody)
   local status_line = STATUS_LINE[status]
   if not status_line then
     log_error(o, "bad response", "invalid status "
@@ -406,7 +426,8 @@ local function respond(c, req, body, status, headers, rbody)
     return ok and c.keep
   end
   if not (tb == "function" or ((tb == "table" or tb == "userdata")
-                               and pcall(has_read, rbody))) then
+                               and (callable(rbody)
+                                    or pcall(has_read, rbody)))) then
     log_error(o, "bad response", "invalid body (" .. tb .. ")")
     return false, 500
   end

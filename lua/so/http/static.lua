@@ -199,11 +199,12 @@ end
 ** heads) are sent as they are, {first, last} ranges as spans of the file
 ** for sendfile when the caller takes them (so.http's response does, on
 ** a plain conn), else read one chunk at a time as the socket takes them.
-** The file closes after the last item.
+** A callable table whose __close closes the file: so.http closes it when
+** the response ends, sent or cut by the client.
 ]]
 local function file_source(file, items)
   local i, pos = 1, nil
-  return function(spans)
+  local function next_piece(_, spans)
     while true do
       local item = items[i]
       if item == nil then
@@ -235,6 +236,10 @@ local function file_source(file, items)
       end
     end
   end
+  return setmetatable({}, {
+    __call = next_piece,
+    __close = function() file:close() end,  -- (read-only: at once)
+  })
 end
 
 --[[
