@@ -155,7 +155,10 @@ typedef struct lh_sock {
   int err;                /* sticky read error (libuv code), 0 if none */
   int64_t timeout;        /* ms for reads/writes/accepts, -1 for none */
   union {
-    lh_task *reader;      /* conn: the task waiting in so.read */
+    struct {              /* conn: */
+      lh_task *reader;    /* the task waiting in so.read */
+      lh_task *sender;    /* the task waiting in fs.sendfile */
+    };
     struct {              /* listener: tasks waiting in so.accept (FIFO) */
       lh_task *head, **tail;
     } acceptors;
@@ -294,6 +297,8 @@ void lh_resume_err(lh_task *t, int err);
 void lh_resume_status(lh_task *t, int status);
 void lh_wake(lh_task *t, int nargs);
 void lh_wake_err(lh_task *t, int err);
+void lh_abort_err(lh_task *t, int err);
+void lh_wait_renew(lh_task *t, int64_t timeout_ms);
 int lh_push_results(lua_State *L, lh_task *t);
 int lh_cancel(lua_State *L, lh_task *t);
 int lh_unwind(lua_State *L);

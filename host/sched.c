@@ -411,6 +411,36 @@ void lh_wake_err(lh_task *t, int err) {
 }
 
 /*
+** Ends t's wait before its object completed it (the object forgets t, as
+** for a timeout) with err: the conn a task sends on closed under it.
+*/
+void lh_abort_err(lh_task *t, int err) {
+  abandon(t);
+  t->err = err;
+  ready_push(t, 0);
+}
+
+/*
+** The wait made progress (a long send moved on): its own timeout counts
+** again from now, as nginx's send_timeout does between two writes;
+** so.deadline's does not move.
+*/
+void lh_wait_renew(lh_task *t, int64_t timeout_ms) {
+  int64_t d;
+  if (timeout_ms < 0 || t->wait.kind == NULL)
+    return;
+  d = lh_now() + timeout_ms;
+  t->by_deadline = 0;
+  if (t->deadline >= 0 && t->deadline <= d) {
+    d = t->deadline;
+    t->by_deadline = 1;
+  }
+  if (t->wait.heapidx >= 0)
+    heap_remove(t);
+  heap_insert(t, d);  /* (no memory: left without one) */
+}
+
+/*
 ** Resumes a waiting task with nargs results on its stack. Called from
 ** libuv callbacks, i.e. from the loop; should it ever run inside a task,
 ** it queues instead of nesting.

@@ -33,6 +33,7 @@ typedef struct sendfile_req {
   ssize_t result;    /* what it sent, or a libuv error */
   uv_poll_t poll;    /* on sock, once the socket was full (polling) */
   lh_task *task;     /* NULL once the task stopped waiting */
+  lh_sock *s;        /* the conn, whose w.sender is task; NULL then too */
   int sock, file;    /* dups of the conn's socket and of the file */
   int64_t offset;    /* of the next byte to send */
   size_t left;       /* bytes still to send */
@@ -58,9 +59,18 @@ static void req_free(sendfile_req *req) {
     release(req);
 }
 
+/* The task stops waiting: the conn forgets it. */
+static void leave(sendfile_req *req) {
+  if (req->s != NULL)
+    req->s->w.sender = NULL;
+  req->s = NULL;
+  req->task = NULL;
+}
+
 /* Ends the wait with err (0: all sent) and frees req. */
 static void finish(sendfile_req *req, int err) {
   lh_task *t = req->task;
+  leave(req);
   req_free(req);
   if (t != NULL && lh_H.L != NULL)
     lh_resume_status(t, err);
@@ -116,11 +126,14 @@ static int has_cachestat = 1;
 static int in_cache(const sendfile_req *req) {
   struct cachestat_range range;
   struct cachestat_counts cs;
-  uint64_t page = 4096, first, last;
+  static uint64_t page;
+  uint64_t first, last;
   if (req->left == 0)
     return 1;
   if (!has_cachestat)
     return 0;
+  if (page == 0)
+    page = (uint64_t)sysconf(_SC_PAGESIZE);
   range.off = (uint64_t)req->offset;
   range.len = req->left;
   if (syscall(__NR_cachestat, req->file, &range, &cs, 0) < 0) {
@@ -157,6 +170,8 @@ static int advance(sendfile_req *req, ssize_t n) {
     req->offset += n;
     req->left -= (size_t)n;
     lh_H.bytes_out += (uint64_t)n;
+    if (req->task != NULL)  /* the timeout is for each step, not all */
+      lh_wait_renew(req->task, req->s->timeout);
   }
   if (req->left == 0 && req->head_left == 0)
     return SENT_ALL;
@@ -191,11 +206,21 @@ static void settle(sendfile_req *req, int r) {
     finish(req, r == SENT_ALL ? 0 : r);
 }
 
+/* The socket's pending error (a reset peer), or err when it has none:
+   libuv reports an error on a polled socket as EBADF. */
+static int sock_error(sendfile_req *req, int err) {
+  int e = 0;
+  socklen_t len = sizeof e;
+  if (getsockopt(req->sock, SOL_SOCKET, SO_ERROR, &e, &len) == 0 && e != 0)
+    return uv_translate_sys_error(e);
+  return err;
+}
+
 static void on_writable(uv_poll_t *poll, int status, int events) {
   sendfile_req *req = poll->data;
   (void)events;
   uv_poll_stop(poll);
-  settle(req, status < 0 ? status : send_next(req));
+  settle(req, status < 0 ? sock_error(req, status) : send_next(req));
 }
 
 static void on_sent(uv_work_t *w, int status) {
@@ -211,7 +236,7 @@ static void on_sent(uv_work_t *w, int status) {
 
 static void cancel_sendfile(lh_task *t) {
   sendfile_req *req = t->wait.on;
-  req->task = NULL;
+  leave(req);
   if (!req->busy) {  /* waiting for the socket: ends now */
     if (req->polling)
       uv_poll_stop(&req->poll);
@@ -253,7 +278,7 @@ int lh_fs_sendfile(lua_State *L) {
   luaL_argcheck(L, length >= 0, 4, "negative length");
   if (s->handle.data != NULL)
     return lh_pusherror(L, UV_ENOTSUP);
-  if (uv_stream_get_write_queue_size(&s->stream) > 0)
+  if (uv_stream_get_write_queue_size(&s->stream) > 0 || s->w.sender != NULL)
     return lh_pusherror(L, UV_EBUSY);
   if ((err = uv_fileno(&s->handle, &fd)) < 0)
     return lh_pusherror(L, err);
@@ -287,5 +312,7 @@ int lh_fs_sendfile(lua_State *L) {
     return 1;
   }
   req->task = t;
+  req->s = s;
+  s->w.sender = t;
   return lh_wait(L, t, &sendfile_kind, req, s->timeout);
 }

@@ -138,6 +138,8 @@ static void cancel_waiters(lh_sock *s) {
     s->w.reader = NULL;
     if (t != NULL)
       lh_wake_err(t, UV_ECANCELED);
+    if ((t = s->w.sender) != NULL)  /* (its cancel forgets s) */
+      lh_abort_err(t, UV_ECANCELED);
     return;
   }
   while ((t = s->w.acceptors.head) != NULL) {
