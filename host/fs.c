@@ -275,6 +275,24 @@ static int fs_open(lua_State *L) {
 #define BENEATH_FLAGS (O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)
 
 /*
+** Opens a real path (realpath's: no link in it) refusing any link, so
+** that one swapped in since fails (ELOOP) instead of being followed.
+*/
+static int open_real(const char *real) {
+#ifdef SYS_openat2
+  struct open_how how;
+  int fd;
+  memset(&how, 0, sizeof how);
+  how.flags = BENEATH_FLAGS;
+  how.resolve = RESOLVE_NO_SYMLINKS;
+  fd = (int)syscall(SYS_openat2, AT_FDCWD, real, &how, sizeof how);
+  if (fd >= 0 || (errno != ENOSYS && errno != EPERM))
+    return fd;
+#endif
+  return open(real, BENEATH_FLAGS | O_NOFOLLOW);  /* (the last name only) */
+}
+
+/*
 ** Opens b->path under b->dir through the real path of both: what the
 ** kernel cannot refuse for us (openat2 missing, or an absolute link that
 ** may still land inside dir). Returns the fd, or -1 with errno set.
@@ -294,7 +312,7 @@ static int open_by_realpath(const beneath *b) {
     n = strlen(root);
     if (strncmp(real, root, n) == 0 &&
         (real[n] == '\0' || real[n] == '/' || (n == 1 && root[0] == '/')))
-      fd = open(real, BENEATH_FLAGS);
+      fd = open_real(real);
     else
       errno = EXDEV;
   }
@@ -373,10 +391,14 @@ static int slurp(beneath *b, int cached) {
       got += (size_t)n;
     else if (n < 0 && errno == EINTR)
       continue;
-    else if (cached && (n < 0 || got < size)) {
+    else if (cached || n < 0) {  /* not all cached; or EIO, say */
+      if (!cached)
+        b->err = uv_translate_sys_error(errno);
       free(b->data);
       b->data = NULL;
-      return 0;
+      if (cached)
+        return 0;
+      break;
     } else
       break;
   }
@@ -398,6 +420,9 @@ static int beneath_run(beneath *b, int cached) {
     return 0;
   if (b->fd < 0 || fstat(b->fd, &st) < 0) {
     b->err = uv_translate_sys_error(errno);
+    if (b->fd >= 0)
+      close(b->fd);
+    b->fd = -1;
     return 1;
   }
   b->st.st_size = (uint64_t)st.st_size;
@@ -503,7 +528,7 @@ static int fs_open_beneath(lua_State *L) {
   quick.dirfd = df != NULL ? df->fd : -1;
   quick.path = (char *)path;
   quick.slurp = n < 0 ? -1 : (int64_t)n;
-  if (resolve_cached && beneath_run(&quick, 1))
+  if (resolve_cached && !lh_expired(t) && beneath_run(&quick, 1))
     return push_done(L, &quick);
   r = newreq(L, &t, "open_beneath", push_beneath);
   b = malloc(sizeof *b + sizeof procdir + dlen + plen + 2);
@@ -639,6 +664,19 @@ static int file_gc(lua_State *L) {
   return 0;
 }
 
+/* fs.type(x) → "file", "closed file", or nil: as io.type. */
+static int fs_type(lua_State *L) {
+  lh_file *f;
+  luaL_checkany(L, 1);
+  f = lua_touserdata(L, 1);
+  if (lua_type(L, 1) != LUA_TUSERDATA || lua_rawlen(L, 1) != sizeof *f ||
+      f->tag != LH_TAG_FILE)
+    lua_pushnil(L);
+  else
+    lua_pushstring(L, f->fd >= 0 ? "file" : "closed file");
+  return 1;
+}
+
 static int file_tostring(lua_State *L) {
   lh_file *f = lh_checkobj(L, 1, LH_TAG_FILE, FILE_TNAME);
   if (f->fd < 0)
@@ -715,6 +753,7 @@ static const luaL_Reg fs_funcs[] = {
   {"rename", fs_rename},
   {"mkdir", fs_mkdir},
   {"sendfile", lh_fs_sendfile},
+  {"type", fs_type},
   {NULL, NULL}
 };
 
