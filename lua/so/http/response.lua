@@ -16,7 +16,7 @@ local type, next, tostring, tonumber, setmetatable, getmetatable, xpcall,
   xpcall, pcall, error
 local traceback = debug.traceback
 local so_write = so.write
-local fs_sendfile = fs.sendfile
+local fs_sendfile, fs_type = fs.sendfile, fs.type
 local mathtype = math.type
 local TOKEN, BAD_VALUE = parse.TOKEN, parse.BAD_VALUE
 local CACHE_MAX, CACHE_LINE = parse.CACHE_MAX, parse.CACHE_LINE
@@ -338,6 +338,10 @@ local function bad_span(span)
   if mathtype(span.offset) ~= "integer" or mathtype(span.length) ~= "integer"
      or span.offset < 0 or span.length < 0 then
     return "body source gave a table that is not a file span"
+  end
+  local ft = fs_type(span.file)
+  if ft ~= "file" then
+    return "body source gave a span of " .. (ft or "no file")
   end
 end
 
