@@ -5,10 +5,14 @@
 -- closing by close, <close> and the collector without a descriptor left;
 -- a loop that goes on while the pool waits on a FIFO nobody writes; many
 -- tasks reading one large file; so.cancel and so.deadline around waits
--- that never end by themselves (a FIFO), a queued request cancelled; and
--- a host whose script left such a wait behind still ends.
+-- that never end by themselves (a FIFO), a queued request cancelled; the
+-- close of a read-only file, which does not wait; fs.open_beneath (small
+-- files read whole, links that stay inside or lead out); fs.sendfile over
+-- loopback conns (a full socket, timeouts, cancels, EOF, TLS); and a host
+-- whose script left such a wait behind still ends.
 local so = require "so"
 local fs = require "so.fs"
+local tls = require "so.tls"
 local lfs = require "lfs"
 local helper = require "helper"
 
@@ -714,7 +718,8 @@ describe("so.fs", function()
     it("raises across a C call boundary, with nothing opened", function()
       spit(path("cb"), "x")
       local fds = helper.fds()
-      local f = assert(fs.open(path("cb")))
+      -- (opened for writing: the close of a read-only file does not wait)
+      local f = assert(fs.open(path("cb"), "r+"))
       for _, case in ipairs {
         { "open", function() return fs.open(path("cb")) end },
         { "stat", function() return fs.stat(dir) end },
@@ -1057,6 +1062,793 @@ describe("so.fs", function()
         return helper.fds() == fds
       end, 3), "left " .. helper.fds() - fds .. " descriptors")
       wd.stop()
+    end)
+  end)
+
+  describe("a read-only file's close", function()
+    it("returns at once, even across a C call boundary; the descriptor "
+       .. "goes shortly after", function()
+      spit(path("ro"), "read only")
+      local fds = helper.fds()
+      local f = assert(fs.open(path("ro")))
+      local g = assert(fs.open(path("ro"), "rb"))
+      local b = assert(fs.open_beneath(dir, "ro"))  -- (no slurp: open)
+      assert.matches("^file %(%d+%)$", tostring(b))
+      assert.equal(fds + 3, helper.fds())
+      -- a close that waited would raise inside gsub's callback
+      local closed = {}
+      string.gsub("abc", "%a", function(ch)
+        local file = ({ a = f, b = g, c = b })[ch]
+        closed[#closed + 1] = file:close()
+      end)
+      assert.same({ true, true, true }, closed)
+      for _, file in ipairs { f, g, b } do
+        assert.equal("file (closed)", tostring(file))
+        raises("attempt to use a closed file", function()
+          local s = file:read(1)
+        end)
+        assert.is_true(file:close())  -- again: true
+      end
+      assert.is_true(helper.wait_until(function()
+        return helper.fds() == fds
+      end, 2), "left " .. helper.fds() - fds .. " descriptors")
+      -- a file opened for writing still waits for its close
+      local w = assert(fs.open(path("ro-w"), "w"))
+      assert.matches("close: cannot wait across a C call boundary",
+                     raised(string.gsub, "a", "a", function()
+                       return w:close()
+                     end))
+      assert.matches("^file %(%d+%)$", tostring(w))
+      assert.is_true(w:close())
+      assert.equal(fds, helper.fds())
+    end)
+
+    it("leaves no descriptor after many quick closes", function()
+      spit(path("ro-many"), string.rep("r", 100))
+      local fds = helper.fds()
+      for _ = 1, 300 do
+        local f = assert(fs.open(path("ro-many")))
+        assert.equal(100, #f:read(1000))
+        assert.is_true(f:close())
+      end
+      assert.is_true(helper.wait_until(function()
+        return helper.fds() == fds
+      end, 2), "left " .. helper.fds() - fds .. " descriptors")
+    end)
+  end)
+
+  describe("fs.open_beneath", function()
+    -- root: the directory files are opened beneath; outside: a file next
+    -- to it (what an escape would reach). Made once, for every test.
+    local root, outside, SMALL, LARGE, PASSWD
+
+    setup(function()
+      root = path("beneath")
+      outside = path("outside.txt")
+      SMALL = "small file\n"
+      LARGE = content(200 * 1024 + 3)
+      PASSWD = slurp("/etc/passwd")
+      local q = helper.shq
+      assert(lfs.mkdir(root))
+      spit(outside, "outside\n")
+      assert(lfs.mkdir(path("outdir")))
+      spit(path("outdir/secret"), "secret\n")
+      spit(root .. "/small", SMALL)
+      spit(root .. "/large", LARGE)
+      spit(root .. "/empty", "")
+      spit(root .. "/one", "1")
+      assert(lfs.mkdir(root .. "/sub"))
+      spit(root .. "/sub/inner", "inner\n")
+      sh(table.concat({
+        "set -e", "cd " .. q(root),
+        "ln -s ../small sub/rel",                     -- inside, relative
+        "ln -s " .. q(root .. "/small") .. " abs",    -- inside, absolute
+        "ln -s " .. q(root .. "/large") .. " abs-large",
+        "ln -s " .. q(root .. "/sub") .. " abs-sub",
+        "ln -s sub link-sub",
+        "ln -s ../outside.txt rel-out",               -- outside
+        "ln -s " .. q(outside) .. " abs-out",
+        "ln -s /etc/passwd passwd",
+        "ln -s .. up",
+        "ln -s /etc etc-link",
+        "ln -s ../outdir outdir-link",
+        "ln -s nowhere dangling",
+        "ln -s ../../../../../../../../../etc/passwd sub/deep-out",
+        "mkfifo fifo",
+      }, "\n"))
+    end)
+
+    it("reads a file of at most slurp bytes whole, already closed",
+       function()
+      local f, st, data = fs.open_beneath(root, "small", 1000)
+      assert.equal("file (closed)", tostring(f))
+      assert.equal(SMALL, data)
+      assert.equal("file", st.mode)
+      assert.equal(#SMALL, st.size)
+      -- stat is the file's, as fs.stat gives it
+      assert.same(fs.stat(root .. "/small"), st)
+      raises("attempt to use a closed file", function()
+        local s = f:read(1)
+      end)
+      assert.is_true(f:close())
+      -- exactly slurp bytes: read; one more: not
+      f, st, data = fs.open_beneath(root, "small", #SMALL)
+      assert.equal(SMALL, data)
+      assert.equal("file (closed)", tostring(f))
+      f, st, data = fs.open_beneath(root, "small", #SMALL - 1)
+      assert.is_nil(data)
+      assert.matches("^file %(%d+%)$", tostring(f))
+      assert.equal(SMALL, f:read(100))
+      assert.is_true(f:close())
+      -- an empty file with slurp 0; a 1-byte file is more than that
+      f, st, data = fs.open_beneath(root, "empty", 0)
+      assert.equal("", data)
+      assert.equal(0, st.size)
+      assert.equal("file (closed)", tostring(f))
+      f, st, data = fs.open_beneath(root, "one", 0)
+      assert.is_nil(data)
+      assert.equal("1", f:read(10))
+      assert.is_true(f:close())
+    end)
+
+    it("leaves a file larger than slurp, or with no slurp, open to read",
+       function()
+      local f, st, data = fs.open_beneath(root, "large", 64 * 1024)
+      assert.is_nil(data)
+      assert.matches("^file %(%d+%)$", tostring(f))
+      assert.equal(#LARGE, st.size)
+      assert.equal("file", st.mode)
+      assert.is_true(LARGE == f:read(#LARGE + 10))
+      assert.equal(LARGE:sub(1001, 1010), f:read(10, 1000))
+      assert.same(st, f:stat())
+      assert.is_true(f:close())
+      -- no slurp: even a small file comes back open
+      local r = results(fs.open_beneath(root, "small"))
+      assert.equal(3, r.n)
+      assert.is_nil(r[3])
+      assert.matches("^file %(%d+%)$", tostring(r[1]))
+      assert.equal(SMALL, r[1]:read(100))
+      assert.is_true(r[1]:close())
+      -- read-only: no write goes through it
+      f = assert(fs.open_beneath(root, "large"))
+      fails("EBADF", "bad file descriptor", f:write("x"))
+      assert.is_true(f:close())
+      assert.is_true(LARGE == slurp(root .. "/large"))
+    end)
+
+    it("slurps on the pool a file that is not in the page cache", function()
+      -- (evicted with dd's nocache: the loop's RWF_NOWAIT read then fails
+      -- and the whole open goes to the pool)
+      local cold = content(5000)
+      spit(root .. "/cold", cold)
+      sh("sync " .. helper.shq(root .. "/cold") .. " && dd if="
+         .. helper.shq(root .. "/cold") .. " iflag=nocache count=0 "
+         .. "status=none")
+      local f, st, data = fs.open_beneath(root, "cold", 64 * 1024)
+      assert.is_true(cold == data)
+      assert.equal(#cold, st.size)
+      assert.equal("file (closed)", tostring(f))
+      assert.is_true(fs.unlink(root .. "/cold"))
+    end)
+
+    it("opens a directory and a FIFO (at once: no writer needed)",
+       function()
+      local d, st, data = fs.open_beneath(root, "sub", 1000)
+      assert.equal("directory", st.mode)
+      assert.is_nil(data)
+      assert.matches("^file %(%d+%)$", tostring(d))
+      fails("EISDIR", "illegal operation on a directory", d:read(10))
+      assert.is_true(d:close())
+      -- "" and "." are dir itself
+      for _, p in ipairs { "", "." } do
+        d, st = fs.open_beneath(root, p)
+        assert.equal("directory", st.mode, p)
+        assert.equal(lfs.attributes(root, "ino"), st.ino, p)
+        assert.is_true(d:close())
+      end
+      -- a FIFO nobody writes: an open that waited would hang here
+      local wd = watchdog(root .. "/fifo", 4)
+      local t0 = so.now()
+      local fifo, fst, fdata = fs.open_beneath(root, "fifo", 1000)
+      assert.is_true(so.now() - t0 < 1, "the open waited for a writer")
+      assert.equal("fifo", fst.mode)
+      assert.is_nil(fdata)
+      assert.matches("^file %(%d+%)$", tostring(fifo))
+      assert.is_true(fifo:close())
+      wd.stop()
+    end)
+
+    it("fails as fs.open does for what is not there", function()
+      fails("ENOENT", "no such file or directory",
+            fs.open_beneath(root, "missing", 100))
+      fails("ENOENT", "no such file or directory",
+            fs.open_beneath(root, "sub/missing/deeper"))
+      fails("ENOENT", "no such file or directory",
+            fs.open_beneath(root, "dangling", 100))
+      fails("ENOTDIR", "not a directory",
+            fs.open_beneath(root, "small/x", 100))
+      fails("ENOTDIR", "not a directory",
+            fs.open_beneath(root, "abs/x"))
+      -- dir itself missing, or not a directory
+      fails("ENOENT", "no such file or directory",
+            fs.open_beneath(path("no-such-dir"), "small"))
+      fails("ENOTDIR", "not a directory",
+            fs.open_beneath(root .. "/small", "x"))
+    end)
+
+    it("follows links that stay inside, relative or absolute", function()
+      -- relative
+      local f, st, data = fs.open_beneath(root, "sub/rel", 1000)
+      assert.equal(SMALL, data)
+      assert.equal(lfs.attributes(root .. "/small", "ino"), st.ino)
+      f, st, data = fs.open_beneath(root, "link-sub/inner", 1000)
+      assert.equal("inner\n", data)
+      -- absolute, to a file inside: served (through the realpath check)
+      f, st, data = fs.open_beneath(root, "abs", 1000)
+      assert.equal(SMALL, data)
+      assert.equal("file (closed)", tostring(f))
+      f, st, data = fs.open_beneath(root, "abs-large", 1000)
+      assert.is_nil(data)
+      assert.equal(#LARGE, st.size)
+      assert.is_true(LARGE == f:read(#LARGE))
+      assert.is_true(f:close())
+      -- absolute, to a directory inside, and through it
+      f, st = fs.open_beneath(root, "abs-sub")
+      assert.equal("directory", st.mode)
+      assert.is_true(f:close())
+      f, st, data = fs.open_beneath(root, "abs-sub/inner", 100)
+      assert.equal("inner\n", data)
+      -- ".." that stays inside
+      f, st, data = fs.open_beneath(root, "sub/../small", 100)
+      assert.equal(SMALL, data)
+    end)
+
+    it("refuses with EXDEV what leads outside: links, .., linked dirs",
+       function()
+      local exdev = { "rel-out", "abs-out", "passwd", "../outside.txt",
+                      "sub/../../outside.txt", "up/outside.txt",
+                      "etc-link/passwd", "outdir-link/secret",
+                      "sub/deep-out", "../outdir/secret" }
+      for _, p in ipairs(exdev) do
+        for _, n in ipairs { 1000, false } do
+          local r = results(fs.open_beneath(root, p, n or nil))
+          assert.same({ n = 3, nil, "EXDEV: cross-device link not permitted",
+                        "EXDEV" }, r, p)
+        end
+      end
+      -- what would escape to nothing: EXDEV, or ENOENT from the check of
+      -- its real path; an absolute path never names the system's file
+      for _, p in ipairs { "../no-such-file", "../../../../etc/passwd",
+                           "up/no-such-file", "/etc/passwd", "/.." } do
+        local f, msg, name = fs.open_beneath(root, p, 100000)
+        assert.is_nil(f, p .. " was opened")
+        assert.is_true(name == "EXDEV" or name == "ENOENT",
+                       p .. ": " .. tostring(msg))
+      end
+    end)
+
+    it("raises on bad arguments and across a C call boundary", function()
+      assert.matches("bad argument #1 to 'open_beneath' %(string.* "
+                     .. "expected, got nil%)",
+                     raised(function() local f = fs.open_beneath(nil, "x") end))
+      assert.matches("bad argument #2 to 'open_beneath' %(string expected, "
+                     .. "got nil%)",
+                     raised(function()
+                       local f = fs.open_beneath(root, nil)
+                     end))
+      assert.matches("bad argument #1 to 'open_beneath' %(string.* "
+                     .. "expected, got table%)",
+                     raised(function() local f = fs.open_beneath({}, "x") end))
+      raises("bad argument #1 to 'open_beneath' (embedded zero)", function()
+        local f = fs.open_beneath(root .. "\0/sub", "small")
+      end)
+      raises("bad argument #2 to 'open_beneath' (embedded zero)", function()
+        local f = fs.open_beneath(root, "small\0.txt")
+      end)
+      raises("bad argument #3 to 'open_beneath' (too large (64 MiB at most))",
+             function()
+               local f = fs.open_beneath(root, "small", 64 * MiB + 1)
+             end)
+      assert.matches("bad argument #3 to 'open_beneath' %(number has no "
+                     .. "integer representation%)",
+                     raised(function()
+                       local f = fs.open_beneath(root, "small", 1.5)
+                     end))
+      assert.matches("bad argument #3 to 'open_beneath' %(number expected, "
+                     .. "got string%)",
+                     raised(function()
+                       local f = fs.open_beneath(root, "small", "all")
+                     end))
+      -- 64 MiB itself is allowed
+      local f, _, data = fs.open_beneath(root, "small", 64 * MiB)
+      assert.equal(SMALL, data)
+      local fds = helper.fds()
+      assert.matches("open_beneath: cannot wait across a C call boundary",
+                     raised(string.gsub, "a", "a", function()
+                       return fs.open_beneath(root, "large")
+                     end))
+      assert.equal(fds, helper.fds())
+    end)
+
+    it("leaves no descriptor behind, whatever the outcome", function()
+      local fds = helper.fds()
+      local cases = { "small", "large", "sub", "fifo", "abs", "abs-large",
+                      "sub/rel", "missing", "small/x", "rel-out", "passwd",
+                      "../outside.txt", "up/outside.txt", "dangling", "" }
+      local wd = watchdog(root .. "/fifo", 5)
+      for _ = 1, 20 do
+        for _, p in ipairs(cases) do
+          for _, n in ipairs { 1000, 64 * 1024, false } do
+            local f = fs.open_beneath(root, p, n or nil)
+            if f then assert.is_true(f:close()) end
+          end
+        end
+      end
+      wd.stop()
+      assert.is_true(helper.wait_until(function()
+        return helper.fds() == fds
+      end, 2), "left " .. helper.fds() - fds .. " descriptors")
+    end)
+  end)
+
+  describe("fs.type", function()
+    it("says file, closed file or nil, as io.type", function()
+      spit(path("ty"), "x")
+      local f = assert(fs.open(path("ty")))
+      assert.equal("file", fs.type(f))
+      f:close()
+      assert.equal("closed file", fs.type(f))
+      for _, x in ipairs { "file", 1, {}, io.stdout, so.now } do
+        assert.is_nil(fs.type(x))
+      end
+      assert.matches("bad argument #1 to '[%w.]*type' %(value expected%)",
+                     raised(fs.type))
+    end)
+  end)
+
+  describe("fs.open_beneath with a directory file", function()
+    it("opens under it, as under its path, and refuses what leaves it",
+       function()
+      sh("mkdir -p " .. helper.shq(path("df/sub")))
+      spit(path("df/sub/a.txt"), "under")
+      spit(path("df-out.txt"), "outside")
+      sh("ln -sfn ../../df-out.txt " .. helper.shq(path("df/sub/out")))
+      sh("ln -sfn " .. helper.shq(path("df/sub/a.txt")) .. " "
+         .. helper.shq(path("df/abs")))
+      local fds = helper.fds()
+      local d = assert(fs.open(path("df")))
+      local f, st, data = fs.open_beneath(d, "sub/a.txt", 100)
+      assert.equal("closed file", fs.type(f))
+      assert.equal("under", data)
+      assert.equal(5, st.size)
+      -- an absolute link that lands inside: followed by real paths
+      f, st, data = fs.open_beneath(d, "abs", 100)
+      assert.equal("under", data)
+      local r = results(fs.open_beneath(d, "sub/out", 100))
+      assert.equal("EXDEV", r[3])
+      r = results(fs.open_beneath(d, "../df-out.txt"))
+      assert.equal("EXDEV", r[3])
+      -- the directory file stays open and usable; a closed one raises
+      assert.equal("file", fs.type(d))
+      d:close()
+      assert.matches("attempt to use a closed file",
+                     raised(fs.open_beneath, d, "sub/a.txt"))
+      assert.matches("string or file expected, got table",
+                     raised(fs.open_beneath, {}, "x"))
+      assert.is_true(helper.wait_until(function()
+        return helper.fds() == fds
+      end, 2), "left " .. helper.fds() - fds .. " descriptors")
+    end)
+  end)
+
+  describe("fs.sendfile", function()
+    -- A file of `size` bytes of content() in dir; its path and data.
+    local function data_file(name, size)
+      local data = content(size)
+      spit(path(name), data)
+      return path(name), data
+    end
+
+    -- Reads from conn until EOF: everything (raises on an error).
+    local function read_all(conn)
+      local parts = {}
+      while true do
+        local d, err = conn:read()
+        assert(d, err)
+        if d == "" then return table.concat(parts) end
+        parts[#parts + 1] = d
+      end
+    end
+
+    local read_n = helper.read_n
+
+    -- A sparse file of n bytes (nothing to read from the disk); its path.
+    local function sparse(name, n)
+      local f = assert(fs.open(path(name), "w"))
+      assert.is_true(f:write("E", n - 1))
+      assert.is_true(f:close())
+      return path(name)
+    end
+
+    -- The so.tasks entry of task t.
+    local function info_of(t)
+      for _, info in ipairs(so.tasks()) do
+        if info.id == t.id then return info end
+      end
+    end
+
+    it("sends spans at the start, the middle and the end, byte for byte",
+       function()
+      local p, data = data_file("sf-small", 300000)
+      local f <close> = assert(fs.open(p))
+      local c, s = helper.pair(5)
+      local sender = so.spawn(function()
+        assert.is_true(fs.sendfile(s, f, 0, 1000))
+        assert.is_true(fs.sendfile(s, f, 123457, 100000))
+        assert.is_true(fs.sendfile(s, f, #data - 5, 5))
+        s:close()
+      end)
+      local got = read_all(c)
+      helper.join(sender)
+      assert.equal(1000 + 100000 + 5, #got)
+      assert.is_true(data:sub(1, 1000) .. data:sub(123458, 223457)
+                     .. data:sub(-5) == got)
+      -- the file's own position did not move
+      assert.equal(data:sub(1, 10), f:read(10))
+      c:close()
+    end)
+
+    it("sends 20 MiB to a reader slow at first: waits while the socket "
+       .. "is full, the loop running", function()
+      local size = 20 * MiB
+      local p, data = data_file("sf-big", size + 4096)
+      local f <close> = assert(fs.open(p))
+      local c, s = helper.pair(10)
+      local done
+      local sender = so.spawn(function()
+        local ok = fs.sendfile(s, f, 4000, size)
+        done = so.now()
+        return ok
+      end)
+      local t0 = so.now()
+      so.sleep(0.2)  -- nothing read yet: the socket filled up
+      assert.is_true(so.now() - t0 < 1, "the loop was blocked")
+      assert.is_nil(done, "20 MiB went out with nobody reading")
+      local info = info_of(sender)
+      assert.equal("waiting", info.state)
+      assert.matches("^sendfile %d+ bytes left$", info.waiting)
+      local left = tonumber(info.waiting:match("%d+"))
+      assert.is_true(left > 0 and left < size, info.waiting)
+      local got = read_n(c, size)
+      assert.is_true(helper.join(sender))
+      assert.equal(size, #got)
+      assert.is_true(data:sub(4001, 4000 + size) == got,
+                     "the bytes differ from the file's")
+      s:close()
+      assert.equal("", read_all(c))  -- not a byte more
+      c:close()
+    end)
+
+    it("sends from a file that is not in the page cache (the pool's turn)",
+       function()
+      local p, data = data_file("sf-cold", 3 * MiB + 7)
+      sh("sync " .. helper.shq(p) .. " && dd if=" .. helper.shq(p)
+         .. " iflag=nocache count=0 status=none")
+      local f <close> = assert(fs.open(p))
+      local c, s = helper.pair(5)
+      local sender = so.spawn(function()
+        assert.is_true(fs.sendfile(s, f, 3, #data - 3))
+        s:close()
+      end)
+      local got = read_all(c)
+      helper.join(sender)
+      assert.is_true(data:sub(4) == got)
+      c:close()
+    end)
+
+    it("sends over a Unix socket too", function()
+      local p, data = data_file("sf-unix", 500000)
+      local f <close> = assert(fs.open(p))
+      local sock = path("sf.sock")
+      local l = assert(so.listen("unix:" .. sock))
+      local sender = so.spawn(function()
+        local s <close> = assert(l:accept())
+        s:settimeout(5)
+        assert.is_true(fs.sendfile(s, f, 10, #data - 10))
+      end)
+      local c <close> = assert(so.connect("unix:" .. sock, nil, 5))
+      c:settimeout(5)
+      local got = read_all(c)
+      helper.join(sender)
+      l:close()
+      assert.is_true(data:sub(11) == got)
+    end)
+
+    it("leaves the pool free while sockets are full", function()
+      -- a sendfile waiting for room watches the socket on the loop: were
+      -- it to wait on a pool thread, these would fill the pool and the
+      -- fs.stat below would wait behind them
+      local p = sparse("sf-sparse", 64 * MiB)
+      local f <close> = assert(fs.open(p))
+      local conns, senders = {}, {}
+      for i = 1, pool_size() + 2 do
+        local c, s = helper.pair(5)
+        conns[#conns + 1] = c
+        conns[#conns + 1] = s
+        senders[i] = so.spawn(fs.sendfile, s, f, 0, 64 * MiB)
+      end
+      so.sleep(0.2)
+      for _, t in ipairs(senders) do
+        assert.matches("^sendfile", info_of(t).waiting)
+      end
+      local t0 = so.now()
+      assert.equal("directory", so.deadline(1, fs.stat, dir).mode)
+      assert.is_true(so.now() - t0 < 0.5, "fs.stat waited for the pool")
+      for _, t in ipairs(senders) do
+        assert.is_true(so.cancel(t))
+        assert.same({ false, "cancelled" }, { so.join(t, 1) })
+      end
+      for _, c in ipairs(conns) do c:close() end
+    end)
+
+    it("fails with EOF when the file ends first, after what there was",
+       function()
+      local p, data = data_file("sf-eof", 1000)
+      local f <close> = assert(fs.open(p))
+      local c, s = helper.pair(5)
+      fails("EOF", "end of file", fs.sendfile(s, f, 990, 100))
+      fails("EOF", "end of file", fs.sendfile(s, f, 1000, 1))
+      fails("EOF", "end of file", fs.sendfile(s, f, 5000, 10))
+      s:close()
+      assert.equal(data:sub(991), read_all(c))
+      c:close()
+    end)
+
+    it("returns true for a zero length at once, sending nothing", function()
+      spit(path("sf-zero"), "zero")
+      local f <close> = assert(fs.open(path("sf-zero")))
+      local c, s = helper.pair(5)
+      assert.same({ n = 1, true }, results(fs.sendfile(s, f, 0, 0)))
+      assert.same({ n = 1, true }, results(fs.sendfile(s, f, 4, 0)))
+      assert.same({ n = 1, true }, results(fs.sendfile(s, f, 1 << 40, 0)))
+      s:close()
+      assert.equal("", read_all(c))
+      c:close()
+    end)
+
+    it("times out by the conn's timeout, its copies closed at once",
+       function()
+      local p = sparse("sf-timeout", 64 * MiB)
+      local f <close> = assert(fs.open(p))
+      local c, s = helper.pair()
+      s:settimeout(0.2)
+      local fds = helper.fds()
+      local t0 = so.now()
+      fails("ETIMEDOUT", "connection timed out",
+            fs.sendfile(s, f, 0, 64 * MiB))
+      local took = so.now() - t0
+      assert.is_true(took >= 0.19 and took < 1, "took " .. took .. " s")
+      -- the socket and file it dup'd are closed, conn and file still open
+      assert.is_true(helper.wait_until(function()
+        return helper.fds() == fds
+      end, 2), "left " .. helper.fds() - fds .. " descriptors")
+      assert.matches("^file %(%d+%)$", tostring(f))
+      -- so.deadline bounds it the same way
+      s:settimeout(nil)
+      t0 = so.now()
+      fails("ETIMEDOUT", "connection timed out",
+            so.deadline(0.2, fs.sendfile, s, f, 0, 64 * MiB))
+      took = so.now() - t0
+      assert.is_true(took >= 0.19 and took < 1, "took " .. took .. " s")
+      assert.is_true(helper.wait_until(function()
+        return helper.fds() == fds
+      end, 2), "left " .. helper.fds() - fds .. " descriptors")
+      s:close()
+      c:close()
+    end)
+
+    it("ends by so.cancel: the task unwinds, nothing is left", function()
+      local p = sparse("sf-cancel", 64 * MiB)
+      local f <close> = assert(fs.open(p))
+      local c, s = helper.pair(5)
+      local fds = helper.fds()
+      local log, after = {}, false
+      local t = so.spawn(function()
+        local _ <close> = helper.closer(log, "closed")
+        local ok = fs.sendfile(s, f, 0, 64 * MiB)
+        after = true
+        return ok
+      end)
+      so.sleep(0.1)
+      assert.matches("^sendfile", info_of(t).waiting)
+      assert.is_true(so.cancel(t))
+      assert.same({ "closed" }, log)
+      assert.same({ false, "cancelled" }, { so.join(t, 1) })
+      assert.is_true(helper.wait_until(function()
+        return helper.fds() == fds
+      end, 2), "left " .. helper.fds() - fds .. " descriptors")
+      so.sleep(0.05)
+      assert.is_false(after, "the cancelled task ran again")
+      s:close()
+      c:close()
+    end)
+
+    it("fails, without killing the host, when the peer went away",
+       function()
+      local p = sparse("sf-gone", 64 * MiB)
+      local f <close> = assert(fs.open(p))
+      local fds = helper.fds()
+      local c, s = helper.pair(5)
+      c:close()
+      local r = results(fs.sendfile(s, f, 0, 64 * MiB))
+      assert.equal(3, r.n)
+      assert.is_nil(r[1])
+      assert.is_true(r[3] == "EPIPE" or r[3] == "ECONNRESET",
+                     tostring(r[2]))
+      s:close()
+      -- a peer that goes away while it waits for room: it fails at once
+      c, s = helper.pair(5)
+      local t = so.spawn(fs.sendfile, s, f, 0, 64 * MiB)
+      so.sleep(0.1)
+      assert.matches("^sendfile", info_of(t).waiting)
+      c:close()  -- with megabytes unread: a reset
+      r = results(helper.join(t, 1))
+      assert.equal(3, r.n)
+      assert.is_nil(r[1])
+      -- the socket's own error, as so.write gives it (not libuv's EBADF
+      -- for a polled socket in error)
+      assert.is_true(r[3] == "ECONNRESET" or r[3] == "EPIPE", tostring(r[2]))
+      s:close()
+      assert.is_true(helper.wait_until(function()
+        return helper.fds() == fds
+      end, 2), "left " .. helper.fds() - fds .. " descriptors")
+    end)
+
+    it("ends with ECANCELED when another task closes the conn, as so.write",
+       function()
+      local p = sparse("sf-closed", 64 * MiB)
+      local f <close> = assert(fs.open(p))
+      local fds = helper.fds()
+      local c, s = helper.pair(5)
+      local t = so.spawn(fs.sendfile, s, f, 0, 64 * MiB)
+      so.sleep(0.1)  -- the socket is full, nobody reads
+      assert.matches("^sendfile", info_of(t).waiting)
+      s:close()
+      local r = results(helper.join(t, 1))
+      assert.equal(3, r.n)
+      assert.is_nil(r[1])
+      assert.equal("ECANCELED", r[3])
+      -- the peer sees the end: the copies went with the conn
+      local got = 0
+      while true do
+        local d = c:read()
+        if not d or d == "" then break end
+        got = got + #d
+      end
+      assert.is_true(got < 64 * MiB, "all of it went out after the close")
+      c:close()
+      assert.is_true(helper.wait_until(function()
+        return helper.fds() == fds
+      end, 2), "left " .. helper.fds() - fds .. " descriptors")
+    end)
+
+    it("times out between steps, not over the whole length (send_timeout)",
+       function()
+      local size = 24 * MiB
+      local p, data = data_file("sf-steady", size)
+      local f <close> = assert(fs.open(p))
+      local c, s = helper.pair(5)
+      assert.is_true(so.settimeout(s, 0.5))
+      local sender = so.spawn(fs.sendfile, s, f, 0, size)
+      -- a steady reader: 1 MiB every 0.05 s, about 1.2 s in all
+      local parts, got = {}, 0
+      while got < size do
+        local d = assert(c:read())
+        assert(d ~= "", "EOF after " .. got)
+        parts[#parts + 1] = d
+        got = got + #d
+        if got // MiB > (got - #d) // MiB then so.sleep(0.05) end
+      end
+      local r = results(helper.join(sender, 2))
+      assert.is_true(r[1], tostring(r[2]))
+      assert.is_true(data == table.concat(parts))
+      c:close()
+      s:close()
+    end)
+
+    it("refuses a second sendfile on a conn while one runs (EBUSY)",
+       function()
+      local p = sparse("sf-busy", 64 * MiB)
+      local f <close> = assert(fs.open(p))
+      local c, s = helper.pair(5)
+      local t = so.spawn(fs.sendfile, s, f, 0, 64 * MiB)
+      so.sleep(0.05)
+      local r = results(fs.sendfile(s, f, 0, 10))
+      assert.equal("EBUSY", r[3])
+      s:close()
+      helper.join(t, 1)
+      c:close()
+    end)
+
+    describe("on a TLS conn", function()
+      local C
+      setup(function() C = helper.tls_certs() end)
+      teardown(function() C:remove() end)
+
+      it("fails with ENOTSUP, sending nothing into the stream", function()
+        spit(path("sf-tls"), "not for TLS")
+        local f <close> = assert(fs.open(path("sf-tls")))
+        local c, s = helper.pair(5)
+        local sctx = assert(tls.server { cert = C.server.cert,
+                                         key = C.server.key })
+        local cctx = assert(tls.client { ca = C.ca })
+        local st = so.spawn(tls.wrap, s, sctx)
+        local tc = assert(tls.wrap(c, cctx, "localhost"))
+        local ts = assert(helper.join(st))
+        local r = results(fs.sendfile(ts, f, 0, 11))
+        assert.equal(3, r.n)
+        assert.is_nil(r[1])
+        assert.equal("ENOTSUP", r[3])
+        assert.matches("^ENOTSUP: ", r[2])
+        -- the TLS stream is intact: the next record decrypts
+        assert.is_true(ts:write("after"))
+        assert.equal("after", read_n(tc, 5))
+        ts:close()
+        tc:close()
+      end)
+    end)
+
+    it("raises for closed objects, bad arguments, across a C call boundary",
+       function()
+      spit(path("sf-args"), "args")
+      local f = assert(fs.open(path("sf-args")))
+      local c, s = helper.pair(5)
+      assert.matches("bad argument #1 to 'sendfile' %(conn expected, got nil%)",
+                     raised(function() local x = fs.sendfile(nil, f, 0, 1) end))
+      local l = assert(so.listen("127.0.0.1", 0))
+      assert.matches("bad argument #1 to 'sendfile' %(conn expected, got "
+                     .. "listener%)",
+                     raised(function() local x = fs.sendfile(l, f, 0, 1) end))
+      l:close()
+      assert.matches("bad argument #2 to 'sendfile' %(file expected, got "
+                     .. "FILE%*%)",
+                     raised(function()
+                       local x = fs.sendfile(s, io.stdout, 0, 1)
+                     end))
+      assert.matches("bad argument #2 to 'sendfile' %(file expected, got nil%)",
+                     raised(function() local x = fs.sendfile(s, nil, 0, 1) end))
+      assert.matches("bad argument #3 to 'sendfile' %(number expected, got "
+                     .. "no value%)",
+                     raised(function() local x = fs.sendfile(s, f) end))
+      assert.matches("bad argument #4 to 'sendfile' %(number expected, got "
+                     .. "string%)",
+                     raised(function() local x = fs.sendfile(s, f, 0, "x") end))
+      assert.matches("bad argument #3 to 'sendfile' %(number has no integer "
+                     .. "representation%)",
+                     raised(function() local x = fs.sendfile(s, f, 1.5, 1) end))
+      raises("bad argument #3 to 'sendfile' (negative offset)", function()
+        local x = fs.sendfile(s, f, -1, 1)
+      end)
+      raises("bad argument #4 to 'sendfile' (negative length)", function()
+        local x = fs.sendfile(s, f, 0, -1)
+      end)
+      local fds = helper.fds()
+      assert.matches("sendfile: cannot wait across a C call boundary",
+                     raised(string.gsub, "a", "a", function()
+                       return fs.sendfile(s, f, 0, 4)
+                     end))
+      assert.equal(fds, helper.fds())
+      assert.is_true(f:close())
+      raises("bad argument #2 to 'sendfile' (attempt to use a closed file)",
+             function() local x = fs.sendfile(s, f, 0, 1) end)
+      local g <close> = assert(fs.open(path("sf-args")))
+      s:close()
+      raises("attempt to use a closed conn", function()
+        local x = fs.sendfile(s, g, 0, 1)
+      end)
+      -- nothing went out
+      assert.equal("", read_all(c))
+      c:close()
     end)
   end)
 

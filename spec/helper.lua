@@ -201,6 +201,19 @@ function helper.server(handler, host)
   return l, h, p
 end
 
+-- Reads exactly n bytes from conn (raises on an error or an early EOF).
+function helper.read_n(conn, n)
+  local parts, got = {}, 0
+  while got < n do
+    local d, err = conn:read()
+    assert(d, err)
+    assert(d ~= "", "EOF after " .. got .. " of " .. n .. " bytes")
+    parts[#parts + 1] = d
+    got = got + #d
+  end
+  return table.concat(parts)
+end
+
 -- A pair of connected conns, the client's and the server's ends; with
 -- `limit`, every wait on either is bounded by it (a failing spec cannot
 -- hang).

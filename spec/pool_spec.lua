@@ -7,18 +7,7 @@ local helper = require "helper"
 
 local DEFAULTS = { max_idle = 32, idle_timeout = 30 }
 
--- Reads exactly n bytes (or fails).
-local function read_n(conn, n)
-  local parts, got = {}, 0
-  while got < n do
-    local d, err = conn:read()
-    assert(d, err)
-    assert(d ~= "", "EOF after " .. got .. " of " .. n .. " bytes")
-    parts[#parts + 1] = d
-    got = got + #d
-  end
-  return table.concat(parts)
-end
+local read_n = helper.read_n
 
 -- An echo server. rec.accepts counts connections, rec.ports lists the
 -- peer port of each (the client's local port) in order, rec.ends[port]

@@ -1,11 +1,15 @@
 -- Specs for http.static (lua/so/http/static.lua), gzip in so.http
 -- responses (lua/so/http/gzip.lua) and scripts/static.lua: the script in a
 -- child process over a temporary directory, driven with curl, Python's
--- http.client and raw sockets; http.static and gzip_min in process.
+-- http.client and raw sockets; http.static and gzip_min in process, with
+-- large files sent by fs.sendfile (by reads and writes over HTTPS) and
+-- body sources that give file spans.
 local so = require "so"
 local http = require "so.http"
 local zlib = require "so.zlib"
 local reader = require "so.reader"
+local fs = require "so.fs"
+local tls = require "so.tls"
 local lfs = require "lfs"
 local helper = require "helper"
 
@@ -910,6 +914,72 @@ print('ok')
     end)
   end)
 
+  describe("descriptors", function()
+    -- What the server process has open: its descriptors' targets
+    -- ("socket:[...]", paths); and how many of those match a pattern.
+    local function open_fds()
+      local fds = {}
+      for name in lfs.dir("/proc/" .. proc.pid .. "/fd") do
+        if name ~= "." and name ~= ".." then
+          local t = lfs.symlinkattributes("/proc/" .. proc.pid .. "/fd/"
+                                          .. name, "target")
+          if t then fds[#fds + 1] = t end
+        end
+      end
+      return fds
+    end
+    local function count(fds, pattern)
+      local n = 0
+      for _, t in ipairs(fds) do
+        if t:find(pattern) then n = n + 1 end
+      end
+      return n
+    end
+
+    it("keeps no file or conn open after GETs, HEADs, ranges and 304s "
+       .. "of files sent by sendfile", function()
+      -- (a file of its own: what other tests left for the collector
+      -- cannot blur the count)
+      local name = "fds-" .. tostring(os.time()) .. ".bin"
+      local data = BIG .. BIN .. BIG
+      write(dir .. "/" .. name, data)
+      local target = "^" .. dir:gsub("%p", "%%%0") .. "/" .. name:gsub("%p",
+                                                                   "%%%0")
+      -- its one socket is the listener's, once the conns of earlier
+      -- tests are gone
+      local function listener_only()
+        return count(open_fds(), "^socket:") == 1
+      end
+      assert.is_true(helper.wait_until(listener_only, 3),
+                     "open: " .. table.concat(open_fds(), " "))
+      local etag
+      for _ = 1, 5 do
+        local r = q("/" .. name)
+        assert.equal(200, r.status)
+        assert.is_true(data == r.body)
+        etag = r.headers.etag
+        r = q("/" .. name, "-I")
+        assert.equal(200, r.status)
+        assert.equal(tostring(#data), r.headers["content-length"])
+        assert.equal("", r.body)
+        r = q("/" .. name, "-H 'Range: bytes=1000-200000'")
+        assert.equal(206, r.status)
+        assert.is_true(data:sub(1001, 200001) == r.body)
+        r = q("/" .. name, "-H 'Range: bytes=0-9,-10'")
+        assert.equal(206, r.status)
+        r = q("/" .. name, "-H " .. shq("If-None-Match: " .. etag))
+        assert.equal(304, r.status)
+        r = q("/" .. name, "-H 'Range: bytes=999999-'")
+        assert.equal(416, r.status)
+      end
+      assert.is_true(helper.wait_until(function()
+        local fds = open_fds()
+        return count(fds, target) == 0 and count(fds, "^socket:") == 1
+      end, 3), "still open: " .. table.concat(open_fds(), " "))
+      os.remove(dir .. "/" .. name)
+    end)
+  end)
+
   describe("a 1 GB sparse file", function()
     it("is sent whole with the server's RSS flat", function()
       local start = helper.rss(proc.pid)
@@ -1175,6 +1245,339 @@ describe("http.static in process", function()
       end)
       stop()
       assert(ok, err)
+    end)
+  end)
+
+  describe("large files", function()
+    -- Files over the 64 KiB that are read whole: they go by fs.sendfile
+    -- (in spans of at most 16 MiB) on a plain conn, else by reads and
+    -- writes (TLS).
+    local big_dir, FIVE, FORTY, C
+    local MiB = 1024 * 1024
+
+    setup(function()
+      big_dir = os.tmpname()
+      os.remove(big_dir)
+      assert(lfs.mkdir(big_dir))
+      helper.sh(string.format("head -c %d /dev/urandom >%s/five.bin && "
+        .. "head -c %d /dev/urandom >%s/forty.bin", 5 * MiB, shq(big_dir),
+        40 * MiB + 12345, shq(big_dir)))
+      FIVE = slurp(big_dir .. "/five.bin")
+      FORTY = slurp(big_dir .. "/forty.bin")
+      C = helper.tls_certs()
+    end)
+    teardown(function()
+      if big_dir then os.execute("rm -rf " .. shq(big_dir)) end
+      if C then C:remove() end
+    end)
+
+    local snap
+    before_each(function() snap = helper.snapshot() end)
+    after_each(function() helper.assert_clean(snap) end)
+
+    -- curl in the background (this process serves meanwhile): exit code,
+    -- its -w output, stderr, and the heads it got.
+    local function curl_bg(args)
+      local hfile = os.tmpname()
+      local h = helper.bg("curl -sS --max-time 20 -D " .. shq(hfile) .. " "
+                          .. args)
+      local code, out, err = h:wait(25)
+      local head = slurp(hfile)
+      os.remove(hfile)
+      return code, out, err, head
+    end
+
+    -- How many descriptors this process has once the collector has
+    -- closed what other tests left to it (closes that go to the pool).
+    local function settled_fds()
+      collectgarbage()
+      collectgarbage()
+      local n
+      helper.wait_until(function()
+        local m = helper.fds()
+        local same = m == n
+        n = m
+        return same
+      end, 1)
+      return n
+    end
+
+    -- The so.tasks entries waiting in fs.sendfile.
+    local function in_sendfile()
+      local n = 0
+      for _, info in ipairs(so.tasks()) do
+        if info.waiting and info.waiting:find("^sendfile") then n = n + 1 end
+      end
+      return n
+    end
+
+    it("sends a 5 MiB and a 40 MiB file to curl byte for byte", function()
+      local port, stop = server(http.static(big_dir))
+      local out5, out40 = os.tmpname(), os.tmpname()
+      local base = "http://127.0.0.1:" .. port
+      -- (one curl, one kept-alive connection: two responses in a row)
+      local code, out, err, head = curl_bg(string.format(
+        "-w '%%{http_code} %%{size_download}\\n' -o %s %s -o %s %s",
+        shq(out5), shq(base .. "/five.bin"), shq(out40),
+        shq(base .. "/forty.bin")))
+      local got5, got40 = slurp(out5), slurp(out40)
+      os.remove(out5)
+      os.remove(out40)
+      stop()
+      assert.equal(0, code, err)
+      assert.equal(string.format("200 %d\n200 %d\n", #FIVE, #FORTY), out)
+      assert.matches("Content%-Length: " .. #FIVE .. "\r\n", head)
+      assert.matches("Content%-Length: " .. #FORTY .. "\r\n", head)
+      assert.is_true(FIVE == got5, "five.bin differs")
+      assert.is_true(FORTY == got40, "forty.bin differs")
+    end)
+
+    it("waits in fs.sendfile for a client that does not read yet",
+       function()
+      local port, stop = server(http.static(big_dir))
+      local ok, err = pcall(function()
+        local c <close>, r = connect(port)
+        assert(c:write("GET /forty.bin HTTP/1.1\r\nHost: x\r\n"
+                       .. "Connection: close\r\n\r\n"))
+        -- the socket fills: the serving task waits for room in sendfile
+        assert.is_true(helper.wait_until(function()
+          return in_sendfile() == 1
+        end, 2), "no task waits in fs.sendfile")
+        local status, headers, body = read_response(r)
+        assert.equal(200, status)
+        assert.equal(tostring(#FORTY), headers["content-length"])
+        assert.is_true(FORTY == body, "the body differs")
+        assert.equal("", r:read("a"))  -- and nothing more
+      end)
+      stop()
+      assert(ok, err)
+    end)
+
+    it("serves ranges of a big file: one in the middle, several as "
+       .. "multipart", function()
+      local port, stop = server(http.static(big_dir))
+      local ok, err = pcall(function()
+        -- 29 MB from the middle: two spans
+        local status, headers, body = get_raw(port, "/forty.bin",
+          "Range: bytes=1000000-30000000\r\n")
+        assert.equal(206, status)
+        assert.equal("bytes 1000000-30000000/" .. #FORTY,
+                     headers["content-range"])
+        assert.equal("29000001", headers["content-length"])
+        assert.is_true(FORTY:sub(1000001, 30000001) == body)
+        -- part heads (strings) between spans of the file
+        status, headers, body = get_raw(port, "/forty.bin",
+          "Range: bytes=10-20,5000000-21999999,-100\r\n")
+        assert.equal(206, status)
+        assert.equal(tostring(#body), headers["content-length"])
+        local parts = multipart(headers["content-type"], body)
+        assert.equal(3, #parts)
+        for i, w in ipairs { { 10, 20 }, { 5000000, 21999999 },
+                             { #FORTY - 100, #FORTY - 1 } } do
+          assert.equal(string.format("bytes %d-%d/%d", w[1], w[2], #FORTY),
+                       parts[i].range)
+          assert.is_true(FORTY:sub(w[1] + 1, w[2] + 1) == parts[i].data, i)
+        end
+        -- the last byte alone
+        status, headers, body = get_raw(port, "/five.bin",
+                                        "Range: bytes=-1\r\n")
+        assert.equal(206, status)
+        assert.equal(FIVE:sub(-1), body)
+      end)
+      stop()
+      assert(ok, err)
+    end)
+
+    it("answers HEAD of a big file with its length, no body, no "
+       .. "descriptor left", function()
+      local port, stop = server(http.static(big_dir))
+      -- (a first request opens what the handler keeps: its root)
+      assert.equal(200, quick(port, "/five.bin", "-I").status)
+      local fds = settled_fds()
+      local ok, err = pcall(function()
+        for _ = 1, 10 do
+          local r = quick(port, "/forty.bin", "-I")
+          assert.equal(200, r.status)
+          assert.equal(tostring(#FORTY), r.headers["content-length"])
+          assert.equal("bytes", r.headers["accept-ranges"])
+          assert.equal("", r.body)
+          -- and a Range is no matter for HEAD
+          r = quick(port, "/five.bin", "-I -H 'Range: bytes=0-9'")
+          assert.equal(200, r.status)
+          assert.equal(tostring(#FIVE), r.headers["content-length"])
+          assert.equal("", r.body)
+        end
+        -- (no collector run: the handler closes what it opened)
+        assert.is_true(helper.wait_until(function()
+          return helper.fds() == fds
+        end, 2), "left " .. helper.fds() - fds .. " descriptors")
+      end)
+      stop()
+      assert(ok, err)
+    end)
+
+    it("closes the file of a download a client left in the middle",
+       function()
+      local port, stop = server(http.static(big_dir))
+      assert.equal(200, quick(port, "/five.bin", "-I").status)
+      local fds = settled_fds()
+      local ok, err = pcall(function()
+        for _ = 1, 3 do
+          local c, r = connect(port)
+          assert(c:write("GET /forty.bin HTTP/1.1\r\nHost: x\r\n\r\n"))
+          assert(r:read(MiB))
+          c:close()  -- with 39 MiB to go
+        end
+        -- the conns end and their files close at once, by the body's
+        -- __close: no collection is asked for (a quiet server may not run
+        -- one for a long time)
+        collectgarbage("stop")
+        local gone = helper.wait_until(function()
+          return helper.fds() == fds
+        end, 2)
+        collectgarbage("restart")
+        assert.is_true(gone, "left " .. helper.fds() - fds .. " descriptors")
+        -- and it still serves
+        local status, _, body = get_raw(port, "/five.bin")
+        assert.equal(200, status)
+        assert.is_true(FIVE == body)
+      end)
+      stop()
+      assert(ok, err)
+    end)
+
+    it("sends the big files byte for byte over HTTPS (reads and writes: "
+       .. "sendfile refuses TLS)", function()
+      local port, stop = server(http.static(big_dir), {
+        tls = assert(tls.server { cert = C.server.cert, key = C.server.key })
+      })
+      local out5, out40, outr = os.tmpname(), os.tmpname(), os.tmpname()
+      local base = "https://localhost:" .. port
+      local code, out, err = curl_bg(string.format(
+        "--cacert %s --resolve localhost:%d:127.0.0.1 "
+        .. "-w '%%{http_code} %%{size_download}\\n' -o %s %s -o %s %s "
+        .. "--next --cacert %s --resolve localhost:%d:127.0.0.1 "
+        .. "-w '%%{http_code} %%{size_download}\\n' -r 1000000-20000000 "
+        .. "-o %s %s", shq(C.ca), port, shq(out5), shq(base .. "/five.bin"),
+        shq(out40), shq(base .. "/forty.bin"), shq(C.ca), port, shq(outr),
+        shq(base .. "/forty.bin")))
+      local got5, got40, gotr = slurp(out5), slurp(out40), slurp(outr)
+      os.remove(out5)
+      os.remove(out40)
+      os.remove(outr)
+      stop()
+      assert.equal(0, code, err)
+      assert.equal(string.format("200 %d\n200 %d\n206 %d\n", #FIVE, #FORTY,
+                                 19000001), out)
+      assert.is_true(FIVE == got5, "five.bin differs")
+      assert.is_true(FORTY == got40, "forty.bin differs")
+      assert.is_true(FORTY:sub(1000001, 20000001) == gotr, "the range differs")
+    end)
+
+    describe("a body source's file spans", function()
+      -- A handler whose body source gives the items of `items` in turn
+      -- (strings, and {offset, length} spans of forty.bin) to a caller
+      -- that takes spans; with `cl`, a Content-Length.
+      local function spans_handler(items, cl)
+        return function()
+          local f = assert(fs.open(big_dir .. "/forty.bin"))
+          local i = 0
+          return { status = 200,
+                   headers = { ["Content-Type"] = "application/x-test",
+                               ["Content-Length"] = cl },
+                   body = function(spans)
+                     assert(spans == true, "not called with true")
+                     i = i + 1
+                     local item = items[i]
+                     if item == nil then f:close(); return nil end
+                     if type(item) == "string" then return item end
+                     return { file = f, offset = item[1], length = item[2] }
+                   end }
+        end
+      end
+      -- (the empty spans must be skipped: chunked, an empty chunk would
+      -- end the body there)
+      local ITEMS = { "<head>", { 0, 100 }, { 7, 0 }, "<mid>",
+                      { 3 * MiB, 17 * MiB }, { 5, 0 }, "<end>" }
+
+      -- What ITEMS stand for.
+      local function expected()
+        return "<head>" .. FORTY:sub(1, 100) .. "<mid>"
+               .. FORTY:sub(3 * MiB + 1, 20 * MiB) .. "<end>"
+      end
+
+      it("are sent chunked, zero-length ones skipped", function()
+        local port, stop = server(spans_handler(ITEMS))
+        local ok, err = pcall(function()
+          local status, headers, body = get_raw(port, "/")
+          assert.equal(200, status)
+          assert.equal("chunked", headers["transfer-encoding"])
+          assert.is_nil(headers["content-length"])
+          assert.is_true(expected() == body, "the body differs")
+        end)
+        stop()
+        assert(ok, err)
+      end)
+
+      it("are sent with the handler's Content-Length", function()
+        local want = expected()
+        local port, stop = server(spans_handler(ITEMS, #want))
+        local ok, err = pcall(function()
+          local status, headers, body = get_raw(port, "/")
+          assert.equal(200, status)
+          assert.is_nil(headers["transfer-encoding"])
+          assert.equal(tostring(#want), headers["content-length"])
+          assert.is_true(want == body, "the body differs")
+        end)
+        stop()
+        assert(ok, err)
+      end)
+
+      it("are a body error when not spans: 500 before anything was sent",
+         function()
+        for _, bad in ipairs { { -1, 10 }, { 0, -1 }, { 1.5, 10 },
+                               { 0, 2.5 }, { "0", 10 } } do
+          local port, stop, logs = server(spans_handler({ bad }))
+          local ok, err = pcall(function()
+            local status = get_raw(port, "/")
+            assert.equal(500, status)
+            assert.matches("not a file span", table.concat(logs, "\n"))
+          end)
+          stop()
+          assert(ok, err)
+        end
+        -- after bytes went out: the connection is dropped
+        local port, stop, logs = server(spans_handler({ "sent", { 0, 10 },
+                                                        { -5, 1 } }))
+        local ok, err = pcall(function()
+          local c <close>, r = connect(port)
+          assert(c:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+          local all = assert(r:read("a", 1 << 20))
+          assert.matches("^HTTP/1%.1 200 ", all)
+          assert.is_nil(all:find("\r\n0\r\n\r\n", 1, true),
+                        "the body ended as if whole")
+          assert.matches("not a file span", table.concat(logs, "\n"))
+        end)
+        stop()
+        assert(ok, err)
+      end)
+
+      it("are read and written on a TLS conn", function()
+        local port, stop = server(spans_handler(ITEMS), {
+          tls = assert(tls.server { cert = C.server.cert,
+                                    key = C.server.key }) })
+        local out = os.tmpname()
+        local code, w, err = curl_bg(string.format(
+          "--cacert %s --resolve localhost:%d:127.0.0.1 -w '%%{http_code}' "
+          .. "-o %s https://localhost:%d/", shq(C.ca), port, shq(out),
+          port))
+        local body = slurp(out)
+        os.remove(out)
+        stop()
+        assert.equal(0, code, err)
+        assert.equal("200", w)
+        assert.is_true(expected() == body, "the body differs")
+      end)
     end)
   end)
 end)

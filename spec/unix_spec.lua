@@ -50,18 +50,7 @@ local function make_stale(...)
   fresh()
 end
 
--- Reads exactly n bytes (or fails).
-local function read_n(conn, n)
-  local parts, got = {}, 0
-  while got < n do
-    local d, err = conn:read()
-    assert(d, err)
-    assert(d ~= "", "EOF after " .. got .. " of " .. n .. " bytes")
-    parts[#parts + 1] = d
-    got = got + #d
-  end
-  return table.concat(parts)
-end
+local read_n = helper.read_n
 
 -- Reads until EOF: everything; or nil, msg, name.
 local function read_all(conn)
