@@ -19,12 +19,24 @@ local type, tonumber, next = type, tonumber, next
 local M = {}
 
 -- Content types worth compressing (the part before any ";").
-local function compressible(ctype)
-  if type(ctype) ~= "string" then return false end
+local function classify(ctype)
   local t = lower(match(ctype, "^%s*([^;%s]+)") or "")
   return sub(t, 1, 5) == "text/" or t == "application/json"
       or t == "application/javascript" or t == "application/xml"
       or t == "image/svg+xml" or sub(t, -5) == "+json" or sub(t, -4) == "+xml"
+end
+
+-- classify, remembered: a server sends few types (bounded all the same).
+local verdicts, nverdicts = {}, 0
+local function compressible(ctype)
+  if type(ctype) ~= "string" then return false end
+  local v = verdicts[ctype]
+  if v == nil then
+    v = classify(ctype)
+    if nverdicts >= 256 then verdicts, nverdicts = {}, 0 end
+    verdicts[ctype], nverdicts = v, nverdicts + 1
+  end
+  return v
 end
 
 -- Whether an Accept-Encoding value accepts gzip (a q of 0 refuses it).
@@ -40,8 +52,18 @@ local function accepts_gzip(ae)
   return false
 end
 
--- The header of `headers` named `lname` (any case): key, value.
+-- The canonical spelling of the names looked up here.
+local CANONICAL = { ["content-type"] = "Content-Type", ["etag"] = "ETag",
+                    ["vary"] = "Vary", ["content-length"] = "Content-Length",
+                    ["content-encoding"] = "Content-Encoding",
+                    ["content-range"] = "Content-Range" }
+
+-- The header of `headers` named `lname` (any case): key, value. The
+-- canonical spelling first, the one handlers use: no scan.
 local function header(headers, lname)
+  local ck = CANONICAL[lname]
+  local cv = ck and headers[ck]
+  if cv ~= nil then return ck, cv end
   for k, v in next, headers do
     if type(k) == "string" and lower(k) == lname then return k, v end
   end

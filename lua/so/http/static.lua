@@ -298,14 +298,14 @@ function M.static(dir, opts)
   local root, root_at
   local function root_file()
     local now = so.now()
-    if root and now - root_at < ROOT_TTL then return root end
+    if root_at and now - root_at < ROOT_TTL then return root or dir end
+    -- This request opens it again; those that come meanwhile go on with
+    -- the old one (closing it is safe: open_beneath holds it only inside
+    -- the call, and the pool gets a dup).
+    root_at = now
     local f = fs.open(dir)
-    if root and root_at >= now then  -- another request opened it meanwhile
-      if f then f:close() end
-      return root
-    end
     if root then root:close() end
-    root, root_at = f, now
+    root = f
     return f or dir
   end
 
