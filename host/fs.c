@@ -58,6 +58,8 @@ typedef struct fs_req {
   char *buf;                   /* read: where the bytes land */
   int ref;                     /* write: the string written, anchored */
   int flags;                   /* open: its flags */
+  lh_file *file;               /* read, write, stat: the file it uses */
+  int fileref;                 /* ... anchored while the pool has its fd */
   beneath *b;                  /* open_beneath's */
 } fs_req;
 
@@ -77,15 +79,40 @@ static void beneath_free(beneath *b) {
   free(b);
 }
 
+/*
+** The pool is done with r's file: a close that came meanwhile happens
+** now. (A close must not free the number while a queued request holds
+** it: the next open would take it, and the request would read that file.)
+*/
+static void let_go(fs_req *r) {
+  lh_file *f = r->file;
+  if (--f->pending == 0 && f->deferred >= 0) {
+    close(f->deferred);
+    f->deferred = -1;
+  }
+  luaL_unref(lh_H.L, LUA_REGISTRYINDEX, r->fileref);
+}
+
 static void req_free(fs_req *r) {
   if (r->any.type == UV_FS)
     uv_fs_req_cleanup(&r->req);
   else if (r->b != NULL)
     beneath_free(r->b);
   free(r->buf);
-  if (lh_H.L != NULL)
+  if (lh_H.L != NULL) {  /* (else the file's memory is gone too) */
     luaL_unref(lh_H.L, LUA_REGISTRYINDEX, r->ref);
+    if (r->file != NULL)
+      let_go(r);
+  }
   free(r);
+}
+
+/* r uses f (the userdata at idx) on the pool until it ends. */
+static void hold(lua_State *L, fs_req *r, lh_file *f, int idx) {
+  lua_pushvalue(L, idx);
+  r->fileref = luaL_ref(L, LUA_REGISTRYINDEX);
+  r->file = f;
+  f->pending++;
 }
 
 /* The pushers: what each request returns, made under protection. */
@@ -101,6 +128,8 @@ static void newfile(lua_State *L, int fd, int readonly) {
   f->tag = LH_TAG_FILE;
   f->fd = fd;
   f->readonly = readonly;
+  f->pending = 0;
+  f->deferred = -1;
   luaL_setmetatable(L, FILE_TNAME);
 }
 
@@ -523,6 +552,8 @@ static int fs_open_beneath(lua_State *L) {
   luaL_argcheck(L, strlen(path) == plen, 2, "embedded zero");
   luaL_argcheck(L, n <= MAXREAD, 3, "too large (64 MiB at most)");
   t = lh_checktask_caller(L, "open_beneath");
+  if (path[0] == '/')  /* (as RESOLVE_BENEATH has it; not joined to dir) */
+    return lh_pusherror(L, UV_EXDEV);
   memset(&quick, 0, sizeof quick);
   quick.dir = (char *)dir;
   quick.dirfd = df != NULL ? df->fd : -1;
@@ -579,6 +610,7 @@ static int file_read(lua_State *L) {
     return luaL_error(L, "not enough memory");
   }
   b = uv_buf_init(r->buf, (unsigned)n);
+  hold(L, r, f, 1);
   return wait_fs(L, t, r, uv_fs_read(lh_H.loop, &r->req, f->fd, &b, 1,
                                      (int64_t)off, on_fs));
 }
@@ -598,6 +630,7 @@ static int file_write(lua_State *L) {
   lua_pushvalue(L, 2);  /* the thread pool reads it: anchor it */
   r->ref = luaL_ref(L, LUA_REGISTRYINDEX);
   b = uv_buf_init((char *)p, (unsigned)len);
+  hold(L, r, f, 1);
   return wait_fs(L, t, r, uv_fs_write(lh_H.loop, &r->req, f->fd, &b, 1,
                                       (int64_t)off, on_fs));
 }
@@ -607,6 +640,7 @@ static int file_stat(lua_State *L) {
   lh_file *f = checkfile(L, 1);
   lh_task *t;
   fs_req *r = newreq(L, &t, "stat", push_stat);
+  hold(L, r, f, 1);
   return wait_fs(L, t, r, uv_fs_fstat(lh_H.loop, &r->req, f->fd, on_fs));
 }
 
@@ -639,7 +673,10 @@ static int file_close(lua_State *L) {
   fs_req *r;
   if (fd >= 0 && f->readonly) {
     f->fd = -1;
-    close(fd);
+    if (f->pending > 0)
+      f->deferred = fd;  /* after the requests that hold it */
+    else
+      close(fd);
   }
   if (f->fd < 0) {
     lua_pushboolean(L, 1);
@@ -653,12 +690,17 @@ static int file_close(lua_State *L) {
 /* __gc and __close: a finalizer cannot wait. */
 static int file_gc(lua_State *L) {
   lh_file *f = lua_touserdata(L, 1);
-  if (f == NULL || lua_rawlen(L, 1) != sizeof *f || f->tag != LH_TAG_FILE ||
-      f->fd < 0)
+  if (f == NULL || lua_rawlen(L, 1) != sizeof *f || f->tag != LH_TAG_FILE)
     return 0;
-  if (f->readonly)
+  if (f->deferred >= 0) {  /* (only at lua_close) */
+    close_unwaited(f->deferred);
+    f->deferred = -1;
+  }
+  if (f->fd < 0)
+    return 0;
+  if (f->readonly && f->pending == 0)
     close(f->fd);
-  else
+  else  /* (pending only at lua_close: the pool's queue goes in order) */
     close_unwaited(f->fd);
   f->fd = -1;
   return 0;

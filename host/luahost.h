@@ -9,7 +9,8 @@
 ** Files depend on each other in one direction only:
 **   main.c -> supervisor.c (--workers), drain.c, tls.c (so.tls), fs.c
 **     (so.fs), zlib.c (so.zlib), so.c
-**   fs.c -> sendfile.c (fs.sendfile: a file to a conn)
+**   fs.c -> sendfile.c (fs.sendfile: a file to a conn; main.c ends its
+**     requests at exit)
 **   tls.c -> tlsctx.c, so.c (the conn class), stream.c
 **   so.c -> task.c, channel.c, stream.c, listener.c, log.c, worker.c
 **   stream.c, listener.c -> sock.c
@@ -229,6 +230,8 @@ typedef struct lh_file {
   uint64_t tag;   /* LH_TAG_FILE */
   int fd;         /* -1 once closed */
   int readonly;   /* opened for reading only: closes without waiting */
+  int pending;    /* pool requests on fd (each anchors the userdata) */
+  int deferred;   /* closed while some were pending: closed after them */
 } lh_file;
 
 /* The host: one loop, one Lua state. */
@@ -330,6 +333,7 @@ int lh_getaddrinfo(uv_getaddrinfo_t *req, uv_getaddrinfo_cb cb,
 
 /* sendfile.c */
 int lh_fs_sendfile(lua_State *L);
+void lh_sendfile_close(void);
 
 /* stream.c */
 void lh_stream_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);

@@ -118,6 +118,7 @@ static void teardown(lua_State *L) {
   lh_H.ready_head = lh_H.ready_tail = NULL;
   lua_close(L);
   lh_sched_close();
+  lh_sendfile_close();
   uv_walk(lh_H.loop, close_handle, NULL);
   /* A uv_stop before (the script raised) would end this run at once: a
      first run clears it, the second runs the close callbacks. */

@@ -40,9 +40,19 @@ typedef struct sendfile_req {
   const char *head;  /* bytes to send first (below), head_left of them */
   size_t head_left, head_sent;
   unsigned busy : 1, polling : 1, abandoned : 1;
+  struct sendfile_req *prev, *next;  /* in `live` */
 } sendfile_req;
 
+/* Every request not yet freed: the host's teardown ends them. */
+static sendfile_req *live;
+
 static void release(sendfile_req *req) {
+  if (req->prev != NULL)
+    req->prev->next = req->next;
+  else
+    live = req->next;
+  if (req->next != NULL)
+    req->next->prev = req->prev;
   close(req->sock);
   close(req->file);
   free(req);
@@ -86,7 +96,8 @@ static ssize_t send_now(sendfile_req *req) {
   off_t off = (off_t)req->offset;
   ssize_t n;
   while (req->head_left > 0) {
-    n = send(req->sock, req->head, req->head_left, MSG_MORE | MSG_NOSIGNAL);
+    n = send(req->sock, req->head, req->head_left,
+             (req->left > 0 ? MSG_MORE : 0) | MSG_NOSIGNAL);
     if (n < 0 && errno != EINTR)
       return uv_translate_sys_error(errno);
     if (n > 0) {
@@ -300,6 +311,10 @@ int lh_fs_sendfile(lua_State *L) {
     free(req);
     return lh_pusherror(L, err);
   }
+  req->next = live;
+  if (live != NULL)
+    live->prev = req;
+  live = req;
   req->offset = offset;
   req->left = (size_t)length;
   req->head = memcpy(req + 1, head != NULL ? head : "", hlen);
@@ -315,4 +330,29 @@ int lh_fs_sendfile(lua_State *L) {
   req->s = s;
   s->w.sender = t;
   return lh_wait(L, t, &sendfile_kind, req, s->timeout);
+}
+
+/*
+** At the host's end (after lua_close: no task runs again): a request
+** waiting for room closes its poll handle with the callback that frees
+** it, before the teardown closes every handle without one. One on the
+** pool frees itself when the pool is done with it.
+*/
+void lh_sendfile_close(void) {
+  sendfile_req *req;
+  for (req = live; req != NULL; req = req->next) {
+    req->task = NULL;
+    req->s = NULL;  /* (freed memory by now, perhaps) */
+  }
+  req = live;
+  while (req != NULL) {
+    sendfile_req *next = req->next;
+    if (!req->busy &&
+        !(req->polling && uv_is_closing((uv_handle_t *)&req->poll))) {
+      if (req->polling)
+        uv_poll_stop(&req->poll);
+      req_free(req);
+    }
+    req = next;
+  }
 }

@@ -328,6 +328,8 @@ static int so_write(lua_State *L) {
   write_req *req;
   if (s->handle.data != NULL)
     return lh_layerof(s)->write(L, s, t, 2, total);
+  if (s->w.sender != NULL)  /* its bytes would land inside the file's */
+    return lh_pusherror(L, UV_EBUSY);
   if (total == 0) {
     lua_pushboolean(L, 1);
     return 1;
