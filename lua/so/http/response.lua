@@ -17,7 +17,7 @@ local type, next, tostring, tonumber, setmetatable, getmetatable, xpcall,
 local traceback = debug.traceback
 local so_write = so.write
 local fs_sendfile, fs_type = fs.sendfile, fs.type
-local mathtype = math.type
+local tointeger = math.tointeger
 local TOKEN, BAD_VALUE = parse.TOKEN, parse.BAD_VALUE
 local CACHE_MAX, CACHE_LINE = parse.CACHE_MAX, parse.CACHE_LINE
 
@@ -317,7 +317,8 @@ local SPAN_CHUNK = 64 * 1024  -- bytes read at a time where sendfile can't
 ** chunk at a time; head (a string or nil) goes first. true, or nil, err.
 ]]
 local function send_span(conn, span, head)
-  local file, pos, left = span.file, span.offset, span.length
+  local file, pos, left = span.file, tointeger(span.offset),
+    tointeger(span.length)
   local ok, err, name = fs_sendfile(conn, file, pos, left, head)
   if ok or (name ~= "ENOTSUP" and name ~= "EBUSY") then return ok, err end
   if head and not so_write(conn, head) then return nil end
@@ -335,8 +336,10 @@ end
 
 -- Why span is not a span a body source may give, or nil.
 local function bad_span(span)
-  if mathtype(span.offset) ~= "integer" or mathtype(span.length) ~= "integer"
-     or span.offset < 0 or span.length < 0 then
+  local off, len = span.offset, span.length
+  off = type(off) == "number" and tointeger(off)
+  len = type(len) == "number" and tointeger(len)
+  if not off or not len or off < 0 or len < 0 then
     return "body source gave a table that is not a file span"
   end
   local ft = fs_type(span.file)
@@ -469,7 +472,7 @@ local function respond(c, req, body, status, headers, rbody)
       if err ~= nil then bad = err else break end
     elseif tc == "table" then
       bad = bad_span(chunk)
-      n = chunk.length
+      n = tointeger(chunk.length)
     elseif tc ~= "string" then
       bad = "body source gave a " .. tc
     elseif chunk == "" then

@@ -188,6 +188,11 @@ local function parse_ranges(h, size)
     end
   end
   if n == 0 then return "unsatisfiable" end
+  -- More bytes than the file has (overlaps, repeats): the whole file, as
+  -- nginx sends it; a short request must not ask for many times the file.
+  local total = 0
+  for k = 1, n do total = total + ranges[k][2] - ranges[k][1] + 1 end
+  if total > size then return nil end
   return ranges
 end
 
@@ -309,9 +314,17 @@ function M.static(dir, opts)
     return f or dir
   end
 
-  -- The status for a failed open_beneath.
+  -- The status for a failed open_beneath, as nginx's static module: what
+  -- is not there, what may not be reached, and the server's own trouble
+  -- (EMFILE, EIO, ENOMEM, ...).
   local function refused(name)
-    return (name == "ENOENT" or name == "ENOTDIR") and 404 or 403
+    if name == "ENOENT" or name == "ENOTDIR" or name == "ENAMETOOLONG" then
+      return 404
+    elseif name == "EXDEV" or name == "EACCES" or name == "EPERM"
+           or name == "ELOOP" then
+      return 403
+    end
+    return 500
   end
 
   --[[
@@ -330,6 +343,9 @@ function M.static(dir, opts)
       rel = rel == "" and index or rel .. "/" .. index
       file, st, data = fs.open_beneath(root_file(), rel, SLURP)
       if not file then return nil, 404 end
+    elseif sub(path, -1) == "/" then  -- a file named as a directory
+      file:close()
+      return nil, 404                 -- (ENOTDIR, as nginx has it)
     end
     if st.mode ~= "file" then
       file:close()
