@@ -1066,6 +1066,37 @@ describe("so.fs", function()
   end)
 
   describe("a read-only file's close", function()
+    it("keeps the number while a request on the pool holds it: a file "
+       .. "opened meanwhile cannot take it, the request reads its own",
+       function()
+      spit(path("rx"), "SECRET-OF-X")
+      spit(path("ry"), "SECRET-OF-Y")
+      local fifo = mkfifo()
+      local wd = watchdog(fifo, 4)
+      -- the pool's threads all wait on the FIFO: a read queues behind them
+      local blockers = {}
+      for i = 1, pool_size() do blockers[i] = so.spawn(fs.open, fifo) end
+      so.sleep(0.1)
+      local x = assert(fs.open_beneath(dir, "rx"))  -- (on the loop)
+      local got
+      local reader = so.spawn(function() got = results(x:read(100, 0)) end)
+      so.sleep(0.01)
+      assert.is_true(x:close())
+      assert.equal("closed file", fs.type(x))
+      local y = assert(fs.open_beneath(dir, "ry"))
+      local w = assert(io.open(fifo, "w"))  -- the pool goes free
+      helper.join(reader, 3)
+      w:close()
+      for _, b in ipairs(blockers) do
+        local f = helper.join(b, 3)
+        if f then f:close() end
+      end
+      wd.stop()
+      assert.equal("SECRET-OF-X", got[1])
+      assert.equal("SECRET-OF-Y", y:read(100, 0))
+      y:close()
+    end)
+
     it("returns at once, even across a C call boundary; the descriptor "
        .. "goes shortly after", function()
       spit(path("ro"), "read only")
@@ -1754,6 +1785,69 @@ describe("so.fs", function()
       assert.is_true(data == table.concat(parts))
       c:close()
       s:close()
+    end)
+
+    it("refuses so.write from another task while it runs (EBUSY): no "
+       .. "bytes land inside the file's", function()
+      local p = sparse("sf-write", 64 * MiB)
+      local f <close> = assert(fs.open(p))
+      local c, s = helper.pair(5)
+      local t = so.spawn(fs.sendfile, s, f, 0, 64 * MiB)
+      so.sleep(0.05)
+      local r = results(so.write(s, "MARKER"))
+      assert.equal("EBUSY", r[3])
+      s:close()
+      helper.join(t, 1)
+      c:close()
+    end)
+
+    it("sends a head alone at once (MSG_MORE only when bytes follow)",
+       function()
+      local p, data = data_file("sf-head", 10)
+      local f <close> = assert(fs.open(p))
+      local c, s = helper.pair(5)
+      assert.is_true(fs.sendfile(s, f, 0, 0, "HEAD-ONLY"))
+      local t0 = so.now()
+      assert.equal("HEAD-ONLY", read_n(c, 9))
+      assert.is_true(so.now() - t0 < 0.1,
+                     "the head came after " .. so.now() - t0 .. " s")
+      assert.is_true(fs.sendfile(s, f, 0, 10, "H"))
+      assert.equal("H" .. data, read_n(c, 11))
+      c:close()
+      s:close()
+    end)
+
+    it("exits cleanly when the script ends while sendfiles wait for room "
+       .. "(no handle left open, no sanitizer report)", function()
+      -- (real bytes, just written: in the page cache, so each sendfile
+      -- runs on the loop and then waits for room, not on the pool)
+      local p = path("sf-exit")
+      sh("head -c 16777216 /dev/urandom >" .. helper.shq(p))
+      local script = helper.write_script(string.format([[
+        local so, fs = require "so", require "so.fs"
+        local keep = {}
+        for i = 1, 4 do
+          local l = assert(so.listen("127.0.0.1", 0))
+          local h, port = so.sockname(l)
+          local s
+          local t = so.spawn(function() s = assert(l:accept()) end)
+          local c = assert(so.connect(h, port))
+          so.join(t)
+          l:close()
+          local f = assert(fs.open(%q))
+          keep[i] = { c, s, f }
+          so.spawn(fs.sendfile, s, f, 0, 16 * 1024 * 1024)
+        end
+        so.sleep(0.05)  -- every socket full, nobody reading
+        error("the script ends here")
+      ]], p))
+      local code, _, err = helper.run(helper.luahost .. " "
+                                      .. helper.shq(script))
+      os.remove(script)
+      assert.equal(1, code, err)
+      assert.matches("the script ends here", err)
+      assert.is_nil(err:find("Sanitizer", 1, true), err)
+      assert.is_nil(err:find("handles left open", 1, true), err)
     end)
 
     it("refuses a second sendfile on a conn while one runs (EBUSY)",

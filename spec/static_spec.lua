@@ -369,8 +369,11 @@ describe("scripts/static.lua", function()
     end)
 
     it("gives 404 for what does not exist", function()
+      -- (a file named as a directory too, as nginx: ENOTDIR; and a name
+      -- too long for the file system)
       for _, path in ipairs { "/nope", "/nope.txt", "/nope/deeper.txt",
-                              "/sub/nope", "/small.txt/x", "/%2e%2e%2e" } do
+                              "/sub/nope", "/small.txt/x", "/%2e%2e%2e",
+                              "/small.txt/", "/" .. string.rep("n", 300) } do
         local r = q(path)
         assert.equal(404, r.status, path)
       end
@@ -589,6 +592,19 @@ describe("scripts/static.lua", function()
       r = range("/data.bin", "bytes=" .. table.concat(specs, ","))
       assert.equal(200, r.status)
       assert.is_true(BIN == r.body)
+    end)
+
+    it("sends the whole file for ranges that add up to more than it "
+       .. "(overlaps, repeats: no amplification)", function()
+      local r = range("/data.bin", "bytes=" .. string.rep("0-,", 15) .. "0-")
+      assert.equal(200, r.status)
+      assert.is_true(BIN == r.body)
+      r = range("/data.bin", "bytes=0-" .. (#BIN // 2) .. ",-" .. (#BIN // 2 + 2))
+      assert.equal(200, r.status)
+      -- what does add up to at most the file stays multipart
+      r = range("/data.bin", "bytes=0-9,5-14")
+      assert.equal(206, r.status)
+      assert.equal(2, #multipart(r.headers["content-type"], r.body))
     end)
 
     it("gives 416 with Content-Range: bytes */size when unsatisfiable",
@@ -1040,6 +1056,36 @@ describe("http.static in process", function()
       so.join(t, 5)
     end, logs
   end
+
+  it("answers 500, not 403, when the server itself fails (EMFILE)",
+     function()
+    -- in a child with 64 descriptors: its handler called directly, with
+    -- every descriptor taken
+    local script = helper.write_script(string.format([[
+      local so, http = require "so", require "so.http"
+      local h = http.static(%q)
+      local function get(p) return h({ method = "GET", path = p,
+                                       headers = {} }).status end
+      local before = get("/small.txt")
+      local hold = {}
+      while true do
+        local f = io.open("/dev/null")
+        if not f then break end
+        hold[#hold + 1] = f
+      end
+      io.write(before, " ", get("/small.txt"), " ", get("/sub/"), " ",
+               get("/nope"), "\n")
+      for _, f in ipairs(hold) do f:close() end
+      io.write(get("/small.txt"), "\n")
+    ]], dir))
+    local code, out, err = helper.run("ulimit -n 64 && "
+      .. helper.luahost .. " " .. shq(script))
+    os.remove(script)
+    assert.equal(0, code, err)
+    -- (a missing file too: the open fails before its lookup), and all is
+    -- well again once descriptors are free
+    assert.equal("200 500 500 500\n200\n", out)
+  end)
 
   it("refuses a directory that is not a string", function()
     assert.has_error(function() http.static(42) end,
