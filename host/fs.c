@@ -22,6 +22,8 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <unistd.h>
 #ifdef SYS_openat2
 #include <linux/openat2.h>
@@ -43,6 +45,7 @@ typedef struct beneath {
   int fd;            /* the file opened, -1 for none (or closed, slurped) */
   int err;           /* a libuv error, 0 for none */
   uv_stat_t st;      /* its size, mtime, mode and inode */
+  dev_t dev;         /* its file system */
   char *data;        /* slurped: its bytes (st.st_size of them) */
 } beneath;
 
@@ -403,23 +406,50 @@ fallback:
   return open_by_realpath(b);
 }
 
+/*
+** A file system that keeps its files in memory (tmpfs, ramfs): it refuses
+** RWF_NOWAIT (EOPNOTSUPP), and has no disk to wait for. The last one met
+** is remembered (only the loop asks): one fstatfs per device, not per file.
+*/
+static dev_t memory_dev;
+static int memory_dev_known;
+
+static int in_memory(const beneath *b) {
+  struct statfs sfs;
+  if (memory_dev_known && b->dev == memory_dev)
+    return 1;
+  if (fstatfs(b->fd, &sfs) < 0 ||
+      (sfs.f_type != TMPFS_MAGIC && sfs.f_type != RAMFS_MAGIC))
+    return 0;
+  memory_dev = b->dev;
+  memory_dev_known = 1;
+  return 1;
+}
+
 /* Reads b's file whole, into b->data; with cached, only from the page
    cache (0: it is not all there). */
 static int slurp(beneath *b, int cached) {
   size_t size = (size_t)b->st.st_size, got = 0;
   ssize_t n;
   struct iovec iov;
+  int flags = cached ? RWF_NOWAIT : 0;
+  if (cached && memory_dev_known && b->dev == memory_dev)
+    flags = 0;
   b->data = malloc(size > 0 ? size : 1);
   if (b->data == NULL)
     return !cached;  /* (then the caller reads it) */
   while (got < size) {
     iov.iov_base = b->data + got;
     iov.iov_len = size - got;
-    n = preadv2(b->fd, &iov, 1, (off_t)got, cached ? RWF_NOWAIT : 0);
+    n = preadv2(b->fd, &iov, 1, (off_t)got, flags);
     if (n > 0)
       got += (size_t)n;
     else if (n < 0 && errno == EINTR)
       continue;
+    else if (n < 0 && errno == EOPNOTSUPP && flags != 0 && in_memory(b)) {
+      flags = 0;
+      continue;
+    }
     else if (cached || n < 0) {  /* not all cached; or EIO, say */
       if (!cached)
         b->err = uv_translate_sys_error(errno);
@@ -459,6 +489,7 @@ static int beneath_run(beneath *b, int cached) {
   b->st.st_ino = (uint64_t)st.st_ino;
   b->st.st_mtim.tv_sec = st.st_mtim.tv_sec;
   b->st.st_mtim.tv_nsec = st.st_mtim.tv_nsec;
+  b->dev = st.st_dev;
   if (S_ISREG(st.st_mode) && (int64_t)st.st_size <= b->slurp &&
       !slurp(b, cached)) {
     close(b->fd);

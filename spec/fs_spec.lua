@@ -1437,6 +1437,39 @@ describe("so.fs", function()
     end)
   end)
 
+  describe("fs.open_beneath on the loop", function()
+    it("reads a cached file, on disk or in memory (tmpfs), with the pool "
+       .. "all taken", function()
+      -- /dev/shm is tmpfs: it refuses RWF_NOWAIT, and needs no disk
+      local shm = assert(io.popen("mktemp -d /dev/shm/luahost-spec.XXXXXX"))
+        :read("l")
+      spit(shm .. "/m.txt", "in memory")
+      spit(path("d.txt"), "on disk")
+      local fifo = mkfifo()
+      local wd = watchdog(fifo, 4)
+      local blockers = {}
+      for i = 1, pool_size() do blockers[i] = so.spawn(fs.open, fifo) end
+      so.sleep(0.1)
+      local t0 = so.now()
+      local r1 = results(fs.open_beneath(dir, "d.txt", 100))
+      local r2 = results(fs.open_beneath(shm, "m.txt", 100))
+      local r3 = results(fs.open_beneath(shm, "m.txt", 100))
+      local took = so.now() - t0
+      local w = assert(io.open(fifo, "w"))  -- the pool goes free
+      for _, b in ipairs(blockers) do
+        local f = helper.join(b, 3)
+        if f then f:close() end
+      end
+      w:close()
+      wd.stop()
+      sh("rm -rf " .. helper.shq(shm))
+      assert.equal("on disk", r1[3])
+      assert.equal("in memory", r2[3])
+      assert.equal("in memory", r3[3])
+      assert.is_true(took < 1, "waited " .. took .. " s for the pool")
+    end)
+  end)
+
   describe("fs.open_beneath with a directory file", function()
     it("opens under it, as under its path, and refuses what leaves it",
        function()
