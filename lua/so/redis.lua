@@ -578,36 +578,10 @@ local function caller(cmd, level)
   return f
 end
 
--- The header and kind of a command, memoized (as by caller, inline).
-local heads, kinds, nheads = {}, {}, 0
-local function head_of(cmd, level)
-  local head, kind = learn(cmd, level)
-  if nheads < 4096 then
-    nheads = nheads + 1
-    heads[cmd], kinds[cmd] = head, kind
-  end
-  return head, kind
-end
-
-function Client.call(self, cmd, ...)  -- (the body of caller's functions)
-  local head, kind = heads[cmd], kinds[cmd]
-  if not head then head, kind = head_of(cmd, 4) end
-  if self.busy or not self.conn or self.subs > 0 then
-    local ok, err, name = check(self, "call")
-    if not ok then return nil, err, name end
-  end
-  if kind then special(self, kind, cmd, ...) end
-  local n = select("#", ...)
-  local req = n <= 3 and build(head, n, ...) or request_list(head, ...)
-  self.busy = true
-  local g <close> = self.guard
-  local ok, err, name = so_write(self.conn, req)
-  if not ok then return fail(self, err, name) end
-  local v
-  v, err, name = value(self, 0)
-  self.busy = false
-  if v == nil then return nil, err, name end
-  return v
+-- client:call(cmd, ...): the command's own function, by a tail call (so
+-- errors and tracebacks name the caller, as client:cmd(...) does).
+function Client.call(self, cmd, ...)
+  return caller(cmd, 3)(self, ...)
 end
 
 --[[
@@ -658,27 +632,9 @@ local function pcaller(cmd, level)
   return f
 end
 
-function Pipe.call(p, cmd, ...)  -- (the body of pcaller's functions)
-  local head, kind = heads[cmd], kinds[cmd]
-  if not head then head, kind = head_of(cmd, 4) end
-  if not p.open then error("pipeline is over", 2) end
-  if kind then special(p.client, kind, cmd, ...) end
-  local n = select("#", ...)
-  local req = n <= 3 and build(head, n, ...)
-  local t, k = p.t, p.k + 1
-  if req then
-    t[k] = req
-  else
-    req = request_list(head, ...)
-    if type(req) == "string" then
-      t[k] = req
-    else
-      move(req, 1, #req, k, t)
-      k = k + #req - 1
-    end
-  end
-  p.k, p.n = k, p.n + 1
-  return p
+-- p:call(cmd, ...): as client:call, through the command's own function.
+function Pipe.call(p, cmd, ...)
+  return pcaller(cmd, 3)(p, ...)
 end
 
 function Client.pipeline(self, fn, ...)
