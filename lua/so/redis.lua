@@ -581,7 +581,7 @@ end
 -- client:call(cmd, ...): the command's own function, by a tail call (so
 -- errors and tracebacks name the caller, as client:cmd(...) does).
 function Client.call(self, cmd, ...)
-  return caller(cmd, 3)(self, ...)
+  return (callers[cmd] or caller(cmd, 3))(self, ...)
 end
 
 --[[
@@ -634,7 +634,7 @@ end
 
 -- p:call(cmd, ...): as client:call, through the command's own function.
 function Pipe.call(p, cmd, ...)
-  return pcaller(cmd, 3)(p, ...)
+  return (pcallers[cmd] or pcaller(cmd, 3))(p, ...)
 end
 
 function Client.pipeline(self, fn, ...)
