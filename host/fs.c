@@ -201,20 +201,28 @@ static int push_path(lua_State *L) {
   return 1;
 }
 
-static void on_fs(uv_fs_t *req) {
-  fs_req *r = (fs_req *)req;
+/*
+** The request ended: its task gets err (< 0), or the results r->push
+** makes from ud. Nothing to do for a task that left, or at lua_close.
+*/
+static void complete(fs_req *r, int err, void *ud) {
   lh_task *t = r->task;
   int n;
   if (r->abandoned)
     lh_H.fs_abandoned--;
-  if (t != NULL && lh_H.L != NULL) {
-    if (req->result < 0)
-      lh_resume_err(t, (int)req->result);
-    else if ((n = lh_pushprotected(t, r->push, r)) >= 0)
-      lh_resume(t, n);
-    else if (n == -1)
-      lh_resume_err(t, UV_ENOMEM);
-  }
+  if (t == NULL || lh_H.L == NULL)
+    return;
+  if (err < 0)
+    lh_resume_err(t, err);
+  else if ((n = lh_pushprotected(t, r->push, ud)) >= 0)
+    lh_resume(t, n);
+  else if (n == -1)
+    lh_resume_err(t, UV_ENOMEM);
+}
+
+static void on_fs(uv_fs_t *req) {
+  fs_req *r = (fs_req *)req;
+  complete(r, req->result < 0 ? (int)req->result : 0, r);
   /* An open nobody took (the task left, or no memory for the file). */
   if (req->fs_type == UV_FS_OPEN && req->result >= 0) {
     uv_fs_t c;
@@ -517,18 +525,7 @@ static int push_beneath(lua_State *L) {
 
 static void on_beneath(uv_work_t *w, int status) {
   fs_req *r = (fs_req *)w;
-  lh_task *t = r->task;
-  int n;
-  if (r->abandoned)
-    lh_H.fs_abandoned--;
-  if (t != NULL && lh_H.L != NULL) {
-    if (status < 0 || r->b->err < 0)
-      lh_resume_err(t, status < 0 ? status : r->b->err);
-    else if ((n = lh_pushprotected(t, push_beneath, r->b)) >= 0)
-      lh_resume(t, n);
-    else if (n == -1)
-      lh_resume_err(t, UV_ENOMEM);
-  }
+  complete(r, status < 0 ? status : r->b->err, r->b);
   req_free(r);  /* (closes what nobody took) */
 }
 
@@ -759,19 +756,26 @@ static int file_tostring(lua_State *L) {
   return 1;
 }
 
-/* fs.stat(path), fs.lstat(path) */
-static int fs_stat(lua_State *L) {
+/* The uv_fs_* operations on one path, with nothing else to pass. */
+typedef int (*path_op)(uv_loop_t *loop, uv_fs_t *req, const char *path,
+                       uv_fs_cb cb);
+
+/* fs.<what>(path): op on it, push making the results. */
+static int on_path(lua_State *L, const char *what, path_op op,
+                   int (*push)(lua_State *L)) {
   const char *path = luaL_checkstring(L, 1);
   lh_task *t;
-  fs_req *r = newreq(L, &t, "stat", push_stat);
-  return wait_fs(L, t, r, uv_fs_stat(lh_H.loop, &r->req, path, on_fs));
+  fs_req *r = newreq(L, &t, what, push);
+  return wait_fs(L, t, r, op(lh_H.loop, &r->req, path, on_fs));
+}
+
+/* fs.stat(path), fs.lstat(path) */
+static int fs_stat(lua_State *L) {
+  return on_path(L, "stat", uv_fs_stat, push_stat);
 }
 
 static int fs_lstat(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
-  lh_task *t;
-  fs_req *r = newreq(L, &t, "lstat", push_stat);
-  return wait_fs(L, t, r, uv_fs_lstat(lh_H.loop, &r->req, path, on_fs));
+  return on_path(L, "lstat", uv_fs_lstat, push_stat);
 }
 
 /* fs.readdir(path) → the names in it, without "." and ".." */
@@ -783,17 +787,11 @@ static int fs_readdir(lua_State *L) {
 }
 
 static int fs_realpath(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
-  lh_task *t;
-  fs_req *r = newreq(L, &t, "realpath", push_path);
-  return wait_fs(L, t, r, uv_fs_realpath(lh_H.loop, &r->req, path, on_fs));
+  return on_path(L, "realpath", uv_fs_realpath, push_path);
 }
 
 static int fs_unlink(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
-  lh_task *t;
-  fs_req *r = newreq(L, &t, "unlink", push_true);
-  return wait_fs(L, t, r, uv_fs_unlink(lh_H.loop, &r->req, path, on_fs));
+  return on_path(L, "unlink", uv_fs_unlink, push_true);
 }
 
 static int fs_rename(lua_State *L) {
