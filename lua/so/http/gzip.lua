@@ -11,6 +11,7 @@
 ]]
 
 local zlib = require "so.zlib"
+local spans = require "so.http.span"
 
 local find, lower, sub, match, gmatch = string.find, string.lower,
   string.sub, string.match, string.gmatch
@@ -69,20 +70,36 @@ local function header(headers, lname)
   end
 end
 
--- A body source compressing `src` (a function returning pieces).
+--[[
+** A body source compressing `src` (a function returning pieces, or file
+** spans, which are read here: it is called with true, as so.http calls
+** a source).
+]]
 local function gzip_source(src)
   local z = zlib.deflate()
-  local done = false
+  local done, chunks = false, nil  -- chunks: of the span being read
   return function()
     while not done do
-      local piece, err, name = src()
-      if piece == nil and err ~= nil then return nil, err, name end
-      if piece == nil or piece == "" then
-        done = true
-        return z:finish()
+      local piece, err, name
+      if chunks then
+        piece, err, name = chunks()
+        if piece == nil and err == nil then chunks = nil end
+      else
+        piece, err, name = src(true)
+        if type(piece) == "table" then
+          local bad = spans.bad(piece)
+          if bad then return nil, bad end
+          chunks, piece = spans.chunks(piece), nil
+        elseif piece == nil and err == nil or piece == "" then
+          done = true
+          return z:finish()
+        end
       end
-      local out = z:flush(piece)
-      if out ~= "" then return out end
+      if piece == nil and err ~= nil then return nil, err, name end
+      if piece then
+        local out = z:flush(piece)
+        if out ~= "" then return out end
+      end
     end
     return nil
   end

@@ -16,7 +16,9 @@ local type, next, tostring, tonumber, setmetatable, getmetatable, xpcall,
   xpcall, pcall, error
 local traceback = debug.traceback
 local so_write = so.write
-local fs_sendfile, fs_type = fs.sendfile, fs.type
+local fs_sendfile = fs.sendfile
+local spans = require "so.http.span"
+local bad_span, span_chunks = spans.bad, spans.chunks
 local tointeger = math.tointeger
 local TOKEN, BAD_VALUE = parse.TOKEN, parse.BAD_VALUE
 local CACHE_MAX, CACHE_LINE = parse.CACHE_MAX, parse.CACHE_LINE
@@ -308,43 +310,26 @@ local function source_of(b)
   return function() return b:read() end
 end
 
-local SPAN_CHUNK = 64 * 1024  -- bytes read at a time where sendfile can't
-
 --[[
-** Sends a span of a file ({file =, offset =, length =}, which a body
-** source called with true may give): by sendfile, or where the conn cannot
-** take it (a TLS conn: ENOTSUP; writes queued: EBUSY) read and written a
-** chunk at a time; head (a string or nil) goes first. true, or nil, err.
+** Sends a span of a file (which a body source may give): by sendfile, or
+** where the conn cannot take it (a TLS conn: ENOTSUP; writes queued:
+** EBUSY) read and written a chunk at a time; head (a string or nil) goes
+** first. true, or nil, err.
 ]]
 local function send_span(conn, span, head)
-  local file, pos, left = span.file, tointeger(span.offset),
-    tointeger(span.length)
-  local ok, err, name = fs_sendfile(conn, file, pos, left, head)
+  local ok, err, name = fs_sendfile(conn, span.file, tointeger(span.offset),
+                                    tointeger(span.length), head)
   if ok or (name ~= "ENOTSUP" and name ~= "EBUSY") then return ok, err end
   if head and not so_write(conn, head) then return nil end
-  while left > 0 do
-    local data, rerr = file:read(left < SPAN_CHUNK and left or SPAN_CHUNK, pos)
-    if not data or data == "" then
-      return nil, rerr or "file shorter than the span"
+  local next_chunk = span_chunks(span)
+  while true do
+    local data, rerr = next_chunk()
+    if not data then
+      if rerr then return nil, rerr end
+      return true
     end
     local w, werr = so_write(conn, data)
     if not w then return nil, werr end
-    pos, left = pos + #data, left - #data
-  end
-  return true
-end
-
--- Why span is not a span a body source may give, or nil.
-local function bad_span(span)
-  local off, len = span.offset, span.length
-  off = type(off) == "number" and tointeger(off)
-  len = type(len) == "number" and tointeger(len)
-  if not off or not len or off < 0 or len < 0 then
-    return "body source gave a table that is not a file span"
-  end
-  local ft = fs_type(span.file)
-  if ft ~= "file" then
-    return "body source gave a span of " .. (ft or "no file")
   end
 end
 

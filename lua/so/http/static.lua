@@ -25,7 +25,6 @@ local utf8len = utf8.len
 
 local M = {}
 
-local CHUNK = 64 * 1024   -- bytes read from the file at a time
 local SLURP = 64 * 1024   -- a file up to this size is read whole at open
 local SPAN = 16 * 1024 * 1024  -- at most, in one sendfile (one timeout)
 local ROOT_TTL = 1        -- seconds the root directory stays open
@@ -201,15 +200,14 @@ end
 
 --[[
 ** A body source for the items of an open file: strings (multipart's part
-** heads) are sent as they are, {first, last} ranges as spans of the file
-** for sendfile when the caller takes them (so.http's response does, on
-** a plain conn), else read one chunk at a time as the socket takes them.
-** A callable table whose __close closes the file: so.http closes it when
-** the response ends, sent or cut by the client.
+** heads) as they are, {first, last} ranges as spans of the file (so.http
+** sends them by sendfile, or reads them where it cannot). A callable table
+** whose __close closes the file: so.http closes it when the response
+** ends, sent or cut by the client.
 ]]
 local function file_source(file, items)
   local i, pos = 1, nil
-  local function next_piece(_, spans)
+  local function next_piece()
     while true do
       local item = items[i]
       if item == nil then
@@ -225,19 +223,10 @@ local function file_source(file, items)
         i, pos = i + 1, nil
       else
         local n = item[2] - pos + 1
-        if spans then
-          if n > SPAN then n = SPAN end
-          local span = { file = file, offset = pos, length = n }
-          pos = pos + n
-          return span
-        end
-        local data, err, name = file:read(n < CHUNK and n or CHUNK, pos)
-        if not data or data == "" then  -- (the file shrank meanwhile)
-          file:close()
-          return nil, err or "file shorter than its size", name
-        end
-        pos = pos + #data
-        return data
+        if n > SPAN then n = SPAN end
+        local span = { file = file, offset = pos, length = n }
+        pos = pos + n
+        return span
       end
     end
   end
