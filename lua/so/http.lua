@@ -22,6 +22,7 @@
 ]]
 
 local so = require "so"
+local linger_close = require("so.linger").close
 local tls = require "so.tls"
 local reader = require "so.reader"
 local parse = require "so.http.parse"
@@ -34,8 +35,8 @@ local find, sub, lower, match =
 local type, pairs, setmetatable, xpcall, error =
   type, pairs, setmetatable, xpcall, error
 local traceback = debug.traceback
-local so_now, so_close, so_shutdown, so_settimeout, so_read =
-  so.now, so.close, so.shutdown, so.settimeout, so.read
+local so_now, so_close, so_settimeout, so_read =
+  so.now, so.close, so.settimeout, so.read
 local parse_head, HeadersMT = parse.parse_head, parse.HeadersMT
 local open_body, EMPTY = bodies.open_body, bodies.empty
 local respond, send_error, log_error =
@@ -77,27 +78,6 @@ M.defaults = {
 -- The Date header line of this second; the body of a request without one.
 M.date_header = response.date_header
 M.empty_body = EMPTY
-
---[[
-** Send FIN first and drop what the client still sends for at most `linger`
-** seconds in all (a deadline, not a timeout for each read: a client that
-** sends a byte a second cannot keep the connection): a close with unread
-** input makes the kernel send RST, which may destroy the response before
-** the client has read it.
-]]
-local function drop_input(conn)
-  local seen = 0
-  while seen < 1024 * 1024 do
-    local data = so_read(conn)
-    if not data or data == "" then break end
-    seen = seen + #data
-  end
-end
-
-local function close_gracefully(conn, linger)
-  if so_shutdown(conn) then so.deadline(linger, drop_input, conn) end
-  so_close(conn)
-end
 
 --[[
 ** The connections being served, for closing a server and for the drain:
@@ -298,7 +278,7 @@ local function serve_conn(conn, handler, o)
   end
   active[c] = nil
   if graceful and not c.closing and not c.hijacked then
-    close_gracefully(conn, o.linger)
+    linger_close(conn, o.linger)  -- (FIN first: see so.linger)
   else
     so_close(conn)
   end

@@ -30,6 +30,7 @@
 ]]
 
 local so = require "so"
+local lingering = require "so.linger"
 
 local byte, char, sub, find, lower, rep, format, match, gmatch =
   string.byte, string.char, string.sub, string.find, string.lower,
@@ -41,8 +42,8 @@ local type, tostring, tonumber, setmetatable, pairs, ipairs, pcall, error,
       load = type, tostring, tonumber, setmetatable, pairs, ipairs, pcall,
       error, load
 local running = coroutine.running
-local so_read, so_write, so_close, so_settimeout, so_shutdown =
-  so.read, so.write, so.close, so.settimeout, so.shutdown
+local so_read, so_write, so_close, so_settimeout =
+  so.read, so.write, so.close, so.settimeout
 
 local M = {}
 
@@ -311,24 +312,13 @@ local function close_payload(code, reason)
   return spack(">I2", code) .. (reason or "")
 end
 
--- Read and drop what the peer still sends, up to its EOF (with a deadline).
-local function drop_input(conn)
-  local seen = 0
-  while seen < 1024 * 1024 do
-    local data = so_read(conn)
-    if not data or data == "" then break end
-    seen = seen + #data
-  end
-end
-
 -- The server's open websockets, for the drain (1001).
 local open_servers = setmetatable({}, { __mode = "k" })
 
 -- After failing: FIN, then the peer's input dropped until its EOF (at most
 -- a second), so that our close frame is read before an RST can destroy it.
 local function linger(conn)
-  if so_shutdown(conn) then so.deadline(1, drop_input, conn) end
-  so_close(conn)
+  lingering.close(conn, 1)
 end
 
 --[[
@@ -354,7 +344,7 @@ local function finish(self, msg, name, wait)
     so.spawn(linger, conn)
     return
   elseif wait then
-    so.deadline(wait, drop_input, conn)
+    so.deadline(wait, lingering.drop_input, conn)
   end
   so_close(conn)
 end
