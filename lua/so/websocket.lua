@@ -607,6 +607,14 @@ end
 ]]
 Sock.receive = recv
 
+-- What send and ping return when the websocket is not open.
+local function not_open(self)
+  if self.state == "closing" then
+    return nil, "ECLOSED: the websocket is closing", "ECLOSED"
+  end
+  return nil, self.err, self.errname
+end
+
 --[[
 ** sock:send(data [, kind]) -> true | nil, msg, name
 ]]
@@ -630,12 +638,7 @@ function Sock:send(data, kind)
   else
     error("bad argument #2 to 'send' (\"text\" or \"binary\" expected)", 2)
   end
-  if self.state ~= "open" then
-    if self.state == "closing" then
-      return nil, "ECLOSED: the websocket is closing", "ECLOSED"
-    end
-    return nil, self.err, self.errname
-  end
+  if self.state ~= "open" then return not_open(self) end
   return send_frame(self, b1, data)
 end
 
@@ -649,12 +652,7 @@ function Sock:ping(data)
     error("bad argument #1 to 'ping' (string of at most 125 bytes expected)",
           2)
   end
-  if self.state ~= "open" then
-    if self.state == "closing" then
-      return nil, "ECLOSED: the websocket is closing", "ECLOSED"
-    end
-    return nil, self.err, self.errname
-  end
+  if self.state ~= "open" then return not_open(self) end
   return send_frame(self, 0x89, data)
 end
 
