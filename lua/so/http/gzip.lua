@@ -12,6 +12,7 @@
 
 local zlib = require "so.zlib"
 local spans = require "so.http.span"
+local memo = require "so.http.memo"
 
 local find, lower, sub, match, gmatch = string.find, string.lower,
   string.sub, string.match, string.gmatch
@@ -28,16 +29,9 @@ local function classify(ctype)
 end
 
 -- classify, remembered: a server sends few types (bounded all the same).
-local verdicts, nverdicts = {}, 0
+local verdicts = memo(256, classify)
 local function compressible(ctype)
-  if type(ctype) ~= "string" then return false end
-  local v = verdicts[ctype]
-  if v == nil then
-    v = classify(ctype)
-    if nverdicts >= 256 then verdicts, nverdicts = {}, 0 end
-    verdicts[ctype], nverdicts = v, nverdicts + 1
-  end
-  return v
+  return type(ctype) == "string" and verdicts[ctype]
 end
 
 -- Whether an Accept-Encoding value accepts gzip (a q of 0 refuses it).

@@ -15,6 +15,7 @@
 local so = require "so"
 local fs = require "so.fs"
 local mime = require "so.http.mime"
+local memo = require "so.http.memo"
 
 local find, sub, gsub, match, gmatch, lower, format, char =
   string.find, string.sub, string.gsub, string.match, string.gmatch,
@@ -113,19 +114,12 @@ local function parse_date(s)
 end
 
 --[[
-** An HTTP date, remembered: glibc's strftime reads /etc/localtime again
-** at every call (seven system calls), and files share a few mtimes.
+** HTTP dates of seconds, remembered: glibc's strftime reads /etc/localtime
+** again at every call (seven system calls), and files share a few mtimes.
 ]]
-local dates, ndates = {}, 0
-local function http_date(t)
-  local s = dates[t]
-  if not s then
-    if ndates >= 1024 then dates, ndates = {}, 0 end
-    s = os.date("!%a, %d %b %Y %H:%M:%S GMT", t)
-    dates[t], ndates = s, ndates + 1
-  end
-  return s
-end
+local HTTP_DATE = memo(1024, function(t)
+  return os.date("!%a, %d %b %Y %H:%M:%S GMT", t)
+end)
 
 -- A strong validator from the size and the modification time.
 local function etag_of(st)
@@ -275,7 +269,7 @@ function M.static(dir, opts)
     local h = {
       ["Content-Type"] = types[ext] or types.default,
       ["ETag"] = etag_of(st),
-      ["Last-Modified"] = http_date(floor(st.mtime)),
+      ["Last-Modified"] = HTTP_DATE[floor(st.mtime)],
       ["Accept-Ranges"] = "bytes",
     }
     if cache_control then h["Cache-Control"] = cache_control end
